@@ -1,0 +1,10 @@
+"""ood_fast: compiled kernels for the hot paths of feature-space OOD detection.
+
+Importing this package never imports a compiled extension or Triton; they load on first use.
+"""
+
+from . import ops
+from ._backend import BACKENDS, BackendUnavailable, use_backend
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "BackendUnavailable", "ops", "use_backend", "__version__"]

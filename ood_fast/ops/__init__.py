@@ -1,0 +1,7 @@
+"""Functional ops: one function per hot path. Each validates its inputs, then dispatches
+through the backend registry (``ood_fast._backend``) to C++, Triton, CUDA or the torch reference.
+"""
+
+from .mahalanobis import MahalanobisPlan, MinResult, mahalanobis, mahalanobis_plan
+
+__all__ = ["MahalanobisPlan", "MinResult", "mahalanobis", "mahalanobis_plan"]
