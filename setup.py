@@ -77,8 +77,9 @@ class BuildExt(build_ext):
             print(f"ood_fast: skipping the CUDA extension: {exc}", file=sys.stderr)
 
     def _build_cuda(self, ext):
-        import pybind11
         import sysconfig
+
+        import pybind11
 
         nvcc = _find_nvcc()
         if nvcc is None:
@@ -98,8 +99,20 @@ class BuildExt(build_ext):
         objects = []
         for src in ext.sources:
             obj = build_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), "-O3", "-std=c++17",
-                   "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", *gencode, *includes]
+            cmd = [
+                nvcc,
+                "-c",
+                str(ROOT / src),
+                "-o",
+                str(obj),
+                "-O3",
+                "-std=c++17",
+                "-Xcompiler",
+                "-fPIC",
+                "--expt-relaxed-constexpr",
+                *gencode,
+                *includes,
+            ]
             print(" ".join(cmd))
             subprocess.run(cmd, check=True)
             objects.append(str(obj))
@@ -108,8 +121,18 @@ class BuildExt(build_ext):
         # Link with the host compiler against the static CUDA runtime: the module then imports
         # on machines without a driver (it fails only when a kernel is launched).
         cxx = os.environ.get("CXX", "g++")
-        cmd = [cxx, "-shared", *objects, "-o", str(out), f"-L{cuda_home / 'lib64'}",
-               "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+        cmd = [
+            cxx,
+            "-shared",
+            *objects,
+            "-o",
+            str(out),
+            f"-L{cuda_home / 'lib64'}",
+            "-lcudart_static",
+            "-ldl",
+            "-lrt",
+            "-lpthread",
+        ]
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
 

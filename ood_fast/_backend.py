@@ -35,7 +35,9 @@ _BASE_CHECKS: dict[str, Callable[[], list[str]]] = {
 }
 _DEVICE_OK = {"cpu": {"cpu"}, "cuda": {"cuda"}, "torch": {"cpu", "cuda"}}
 
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("ood_fast_backend", default=None)
+_current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "ood_fast_backend", default=None
+)
 
 
 class BackendUnavailable(RuntimeError):

@@ -28,7 +28,9 @@ def cpu_module():
 def cpu_unavailable() -> list[str]:
     err = _load("ood_fast._C")[1]
     if err:
-        return [f"the C++ extension ood_fast._C did not load ({err}); reinstall with `pip install .`"]
+        return [
+            f"the C++ extension ood_fast._C did not load ({err}); reinstall with `pip install .`"
+        ]
     return []
 
 
@@ -64,7 +66,9 @@ def triton_unavailable() -> list[str]:
     import torch
 
     if not torch.cuda.is_available() and not triton_interpreted():
-        return ["no GPU for Triton (set TRITON_INTERPRET=1 before importing triton to run it on CPU)"]
+        return [
+            "no GPU for Triton (set TRITON_INTERPRET=1 before importing triton to run it on CPU)"
+        ]
     return []
 
 

@@ -82,12 +82,20 @@ class MahalanobisPlan:
             return self
         key = ("device", str(device))
         if key not in self._cache:
+
             def mv(t):
                 return None if t is None else t.to(device)
 
             self._cache[key] = MahalanobisPlan(
-                mv(self.means), mv(self.factors), mv(self.inv_var), mv(self.group),
-                mv(self.shift), mv(self.center), mv(self.proj), mv(self.const), self.triangular,
+                mv(self.means),
+                mv(self.factors),
+                mv(self.inv_var),
+                mv(self.group),
+                mv(self.shift),
+                mv(self.center),
+                mv(self.proj),
+                mv(self.const),
+                self.triangular,
             )
         return self._cache[key]
 
@@ -139,7 +147,9 @@ def mahalanobis_plan(
             group = torch.zeros(C, dtype=torch.long) if G == 1 else torch.arange(C)
         group = torch.as_tensor(group, dtype=torch.long).to(dev)
         if group.shape != (C,) or int(group.min()) < 0 or int(group.max()) >= G:
-            raise ValueError(f"group: expected [C={C}] indices in [0, {G}), got {group.tolist()[:8]}")
+            raise ValueError(
+                f"group: expected [C={C}] indices in [0, {G}), got {group.tolist()[:8]}"
+            )
         w64 = factors.to(torch.float64)
         mw = torch.einsum("cd,cde->ce", mc, w64[group])  # [C, D] whitened means m_c W_g
         proj = torch.einsum("cde,ce->dc", w64[group], mw)  # [D, C] P_g m_c
@@ -190,7 +200,17 @@ def _kernel_args(plan: MahalanobisPlan):
 def _run(u, plan, reduce, bias, precision, backend):
     center, factors, proj, const, group = _kernel_args(plan)
     return _backend.call(
-        OP, u, center, factors, proj, const, group, reduce, bias, plan.triangular, precision,
+        OP,
+        u,
+        center,
+        factors,
+        proj,
+        const,
+        group,
+        reduce,
+        bias,
+        plan.triangular,
+        precision,
         backend=backend,
     )
 
@@ -202,7 +222,11 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, u, plan, reduce, bias, precision, backend):
         out = _run(u, plan, reduce, bias, precision, backend)
         ctx.plan, ctx.reduce, ctx.bias, ctx.precision, ctx.backend = (
-            plan, reduce, bias, precision, backend,
+            plan,
+            reduce,
+            bias,
+            precision,
+            backend,
         )
         ctx.save_for_backward(u, out[1] if reduce == "min" else None)
         if reduce == "min":
@@ -216,23 +240,28 @@ class _Fused(torch.autograd.Function):
         plan = ctx.plan
         center, factors, proj, _, group = _kernel_args(plan)
         N, C = u.shape[0], proj.shape[1]
-        g = grads[0].float()
+        acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+        g = grads[0].to(acc)
         if ctx.reduce == "none":
             gd2 = g
         elif ctx.reduce == "min":
-            gd2 = torch.zeros(N, C, dtype=torch.float32, device=u.device)
+            gd2 = torch.zeros(N, C, dtype=acc, device=u.device)
             gd2.scatter_(1, idx[:, None], g[:, None])
         else:  # logsumexp: ∂/∂d²_c = −½ softmax_c(bias − d²/2)
-            d2 = _run(u.detach(), plan, "none", None, ctx.precision, ctx.backend)
-            bias = ctx.bias if ctx.bias is not None else torch.zeros(C, device=u.device)
-            w = torch.softmax(bias.float() - 0.5 * d2, dim=1)
-            gd2 = -0.5 * w * g[:, None]
-        ut = u.detach().float() - center.float()
-        grad = -2.0 * gd2 @ proj.float().T
+            d2 = _run(u.detach(), plan, "none", None, ctx.precision, ctx.backend).to(acc)
+            bias = (
+                ctx.bias.to(acc)
+                if ctx.bias is not None
+                else torch.zeros(C, dtype=acc, device=u.device)
+            )
+            gd2 = -0.5 * torch.softmax(bias - 0.5 * d2, dim=1) * g[:, None]
+        ut = u.detach().to(acc) - center.to(acc)
+        grad = -2.0 * gd2 @ proj.to(acc).T
         if factors is not None:
-            weight = torch.zeros(N, factors.shape[0], device=u.device).index_add_(1, group, gd2)
+            weight = torch.zeros(N, factors.shape[0], dtype=acc, device=u.device)
+            weight.index_add_(1, group, gd2)
             for gi in torch.nonzero(weight.abs().sum(0)).flatten().tolist():
-                w_g = factors[gi].float()
+                w_g = factors[gi].to(acc)
                 grad += 2.0 * weight[:, gi : gi + 1] * ((ut @ w_g) @ w_g.T)
         return grad.to(u.dtype), None, None, None, None, None
 
@@ -269,7 +298,9 @@ def mahalanobis(
         raise TypeError("plan: expected a MahalanobisPlan from ood_fast.ops.mahalanobis_plan")
     x = check_features(x, "x", dim=plan.dim)
     if x.device != plan.device:
-        raise ValueError(f"x is on {x.device} but the plan is on {plan.device}: use plan.to(x.device)")
+        raise ValueError(
+            f"x is on {x.device} but the plan is on {plan.device}: use plan.to(x.device)"
+        )
     if bias is not None:
         bias = torch.as_tensor(bias, device=x.device)
         if bias.shape != (plan.num_classes,):
@@ -329,14 +360,26 @@ def _cpu(u, center, factors, proj, const, group, reduce, bias, triangular, preci
     cache = _owner_cache(proj)
     if key not in cache:
         cache[key] = ext.cpu_module().FusedDistance(
-            center.data_ptr(), 0 if factors is None else factors.data_ptr(),
-            0 if factors is None else factors.shape[0], proj.data_ptr(), const.data_ptr(),
-            group.data_ptr(), proj.shape[0], C, bool(triangular), precision == "bf16",
+            center.data_ptr(),
+            0 if factors is None else factors.data_ptr(),
+            0 if factors is None else factors.shape[0],
+            proj.data_ptr(),
+            const.data_ptr(),
+            group.data_ptr(),
+            proj.shape[0],
+            C,
+            bool(triangular),
+            precision == "bf16",
         )
     cache[key].run(
-        u.data_ptr(), _DTYPE_CODE[u.dtype], u.shape[0], _REDUCE_CODE[reduce],
+        u.data_ptr(),
+        _DTYPE_CODE[u.dtype],
+        u.shape[0],
+        _REDUCE_CODE[reduce],
         0 if bias is None else bias.float().contiguous().data_ptr(),
-        out.data_ptr(), 0 if idx is None else idx.data_ptr(), ext.num_threads(),
+        out.data_ptr(),
+        0 if idx is None else idx.data_ptr(),
+        ext.num_threads(),
     )
     return (out, idx) if reduce == "min" else out
 
@@ -349,12 +392,24 @@ def _cuda(u, center, factors, proj, const, group, reduce, bias, triangular, prec
         return (out, idx) if reduce == "min" else out
     bias_ = None if bias is None else bias.float().contiguous()
     ext.cuda_module().mahalanobis_fused(
-        u.data_ptr(), _DTYPE_CODE[u.dtype], u.shape[0], u.shape[1],
-        center.data_ptr(), 0 if factors is None else factors.data_ptr(),
-        0 if factors is None else factors.shape[0], proj.data_ptr(), const.data_ptr(),
-        group.data_ptr(), C, _REDUCE_CODE[reduce], 0 if bias_ is None else bias_.data_ptr(),
-        out.data_ptr(), 0 if idx is None else idx.data_ptr(), bool(triangular),
-        precision == "bf16", torch.cuda.current_stream(u.device).cuda_stream,
+        u.data_ptr(),
+        _DTYPE_CODE[u.dtype],
+        u.shape[0],
+        u.shape[1],
+        center.data_ptr(),
+        0 if factors is None else factors.data_ptr(),
+        0 if factors is None else factors.shape[0],
+        proj.data_ptr(),
+        const.data_ptr(),
+        group.data_ptr(),
+        C,
+        _REDUCE_CODE[reduce],
+        0 if bias_ is None else bias_.data_ptr(),
+        out.data_ptr(),
+        0 if idx is None else idx.data_ptr(),
+        bool(triangular),
+        precision == "bf16",
+        torch.cuda.current_stream(u.device).cuda_stream,
     )
     return (out, idx) if reduce == "min" else out
 

@@ -40,7 +40,9 @@ def squared_distances(
         ``[N, C]`` squared distances in the promoted dtype of the inputs.
     """
     C = means.shape[0]
-    out = torch.empty(x.shape[0], C, dtype=torch.promote_types(x.dtype, means.dtype), device=x.device)
+    out = torch.empty(
+        x.shape[0], C, dtype=torch.promote_types(x.dtype, means.dtype), device=x.device
+    )
     if group is None:
         group = torch.zeros(C, dtype=torch.long, device=means.device)
     for c in range(C):
