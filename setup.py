@@ -36,13 +36,22 @@ def _cpu_extension():
     )
 
 
+def _find_cuda_home():
+    """A CUDA toolkit folder holding both bin/nvcc and the static runtime we link against."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # /usr/local/bin/nvcc may be a wrapper script: follow links, then look one level up
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    for home in filter(None, candidates):
+        home = Path(home)
+        if (home / "bin" / "nvcc").exists() and (home / "lib64" / "libcudart_static.a").exists():
+            return home
+    return None
+
+
 def _find_nvcc():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc") or (
-        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None
-    )
+    home = _find_cuda_home()
+    return str(home / "bin" / "nvcc") if home else None
 
 
 def _gpu_present():
@@ -81,10 +90,12 @@ class BuildExt(build_ext):
 
         import pybind11
 
-        nvcc = _find_nvcc()
-        if nvcc is None:
-            raise RuntimeError("nvcc not found (set CUDA_HOME)")
-        cuda_home = Path(nvcc).resolve().parent.parent
+        cuda_home = _find_cuda_home()
+        if cuda_home is None:
+            raise RuntimeError(
+                "no CUDA toolkit with bin/nvcc and lib64/libcudart_static.a (set CUDA_HOME)"
+            )
+        nvcc = str(cuda_home / "bin" / "nvcc")
         archs = os.environ.get("OOD_FAST_CUDA_ARCHS", "80;90")
         gencode = []
         for arch in archs.split(";"):

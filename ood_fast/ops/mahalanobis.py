@@ -151,8 +151,14 @@ def mahalanobis_plan(
                 f"group: expected [C={C}] indices in [0, {G}), got {group.tolist()[:8]}"
             )
         w64 = factors.to(torch.float64)
-        mw = torch.einsum("cd,cde->ce", mc, w64[group])  # [C, D] whitened means m_c W_g
-        proj = torch.einsum("cde,ce->dc", w64[group], mw)  # [D, C] P_g m_c
+        # One group at a time, so a tied plan never expands W to [C, D, D].
+        mw = torch.empty_like(mc)  # [C, D] whitened means m_c W_g
+        proj_t = torch.empty_like(mc)  # [C, D] P_g m_c
+        for g in torch.unique(group).tolist():
+            members = (group == g).nonzero().flatten()
+            mw[members] = mc[members] @ w64[g]
+            proj_t[members] = mw[members] @ w64[g].T
+        proj = proj_t.T
         const = mw.square().sum(dim=1)
         kernel_center = center
         inv = None
