@@ -5,6 +5,24 @@ Importing this package never imports a compiled extension or Triton; they load o
 
 from . import ops
 from ._backend import BACKENDS, BackendUnavailable, use_backend
+from ._io import load
+from .detectors.mahalanobis import (
+    GaussianLikelihood,
+    Mahalanobis,
+    MultiLayerMahalanobis,
+    RelativeMahalanobis,
+)
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailable", "ops", "use_backend", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "GaussianLikelihood",
+    "Mahalanobis",
+    "MultiLayerMahalanobis",
+    "RelativeMahalanobis",
+    "load",
+    "ops",
+    "use_backend",
+    "__version__",
+]
