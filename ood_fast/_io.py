@@ -105,8 +105,7 @@ def load_estimator(path) -> tuple[str, dict, dict[str, torch.Tensor]]:
 
 def _ensure_registered() -> None:
     # estimator modules register themselves on import; import the families we ship
-    from . import detectors  # noqa: F401
-    from .detectors import mahalanobis  # noqa: F401
+    from .detectors import knn, mahalanobis, prototypes  # noqa: F401
 
 
 def load(path):
