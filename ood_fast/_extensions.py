@@ -77,3 +77,25 @@ def num_threads() -> int:
     import torch
 
     return max(1, torch.get_num_threads())
+
+
+def missing_symbol(backend: str, symbol: str) -> list[str]:
+    """A reason when ``backend``'s compiled module (or Triton kernel module) lacks ``symbol``.
+
+    Guards against a stale build: an extension compiled before a kernel existed loads fine but
+    cannot run that kernel, and must say so instead of failing with an AttributeError.
+    """
+    if backend == "cpu":
+        mod, name = cpu_module(), "ood_fast._C"
+    elif backend == "cuda":
+        mod, name = cuda_module(), "ood_fast._cuda"
+    else:
+        import importlib.util
+
+        module = f"ood_fast.kernels.{symbol}"
+        if importlib.util.find_spec(module) is None:
+            return [f"there is no Triton kernel module {module}"]
+        return []
+    if mod is not None and not hasattr(mod, symbol):
+        return [f"this build of {name} has no {symbol!r} kernel; rebuild with `pip install -e .`"]
+    return []

@@ -262,3 +262,98 @@ def _torch_kth_distance(queries, bank, ks, metric, exact):
 
 
 _backend.register("prototype_scores", "torch")(ref.prototype_scores)
+
+
+# Compiled backends share one contract: knn over float32/float16/bfloat16 queries and bank,
+# metrics "l2" and "ip" natively; "cosine" is "ip" over unit vectors, d = 1 + (−q̂·b̂), with zero
+# vectors left at zero (similarity 0, distance 1, as the reference defines). kth_distance is one
+# knn with the largest k, then a gather: one pass over the bank for the whole sweep.
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_CODE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_METRIC_CODE = {"l2": 0, "ip": 1}
+
+
+def _compiled_checks(backend: str):
+    from .. import _extensions as ext
+
+    def knn_check(queries, bank, k, metric, exact) -> list[str]:
+        why = ext.missing_symbol(backend, "knn")
+        for name, t in (("queries", queries), ("bank", bank)):
+            if t.dtype not in _KERNEL_DTYPES:
+                why.append(
+                    f"compiled KNN kernels take float32/float16/bfloat16 {name}, got {t.dtype}"
+                )
+        return why
+
+    def kth_check(queries, bank, ks, metric, exact) -> list[str]:
+        return knn_check(queries, bank, max(ks), metric, exact)
+
+    return knn_check, kth_check
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm in float32; zero rows stay zero."""
+    x = x.float()
+    norm = x.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp(min=torch.finfo(torch.float32).tiny), x)
+
+
+def _compiled_knn(run):
+    """Wrap ``run(queries, bank, k, metric_code, exact) -> (d, i)`` with the cosine rule."""
+
+    def knn_impl(queries, bank, k, metric, exact):
+        if metric == "cosine":
+            d, i = run(_unit_rows(queries), _unit_rows(bank), k, _METRIC_CODE["ip"], exact)
+            return d.add_(1.0).clamp_(0.0, 2.0), i
+        return run(queries, bank, k, _METRIC_CODE[metric], exact)
+
+    def kth_impl(queries, bank, ks, metric, exact):
+        d, _ = knn_impl(queries, bank, max(ks), metric, exact)
+        return d[:, [k - 1 for k in ks]]
+
+    return knn_impl, kth_impl
+
+
+def _run_cpu(queries, bank, k, metric_code, exact):
+    from .. import _extensions as ext
+
+    N = queries.shape[0]
+    d = torch.empty(N, k, dtype=torch.float32)
+    i = torch.empty(N, k, dtype=torch.int64)
+    if N:
+        ext.cpu_module().knn(
+            queries.data_ptr(), _DTYPE_CODE[queries.dtype], N,
+            bank.data_ptr(), _DTYPE_CODE[bank.dtype], bank.shape[0], bank.shape[1],
+            k, metric_code, exact, d.data_ptr(), i.data_ptr(), ext.num_threads(),
+        )  # fmt: skip
+    return d, i
+
+
+def _run_cuda(queries, bank, k, metric_code, exact):
+    from .. import _extensions as ext
+
+    N = queries.shape[0]
+    d = torch.empty(N, k, dtype=torch.float32, device=queries.device)
+    i = torch.empty(N, k, dtype=torch.int64, device=queries.device)
+    if N:
+        ext.cuda_module().knn(
+            queries.data_ptr(), _DTYPE_CODE[queries.dtype], N,
+            bank.data_ptr(), _DTYPE_CODE[bank.dtype], bank.shape[0], bank.shape[1],
+            k, metric_code, exact, d.data_ptr(), i.data_ptr(),
+            torch.cuda.current_stream(queries.device).cuda_stream,
+        )  # fmt: skip
+    return d, i
+
+
+def _run_triton(queries, bank, k, metric_code, exact):
+    from ..kernels import knn as tk  # imports triton: only when this backend runs
+
+    return tk.knn(queries, bank, k, metric_code, exact)
+
+
+for _name, _run in (("cpu", _run_cpu), ("cuda", _run_cuda), ("triton", _run_triton)):
+    _knn_impl, _kth_impl = _compiled_knn(_run)
+    _knn_check, _kth_check = _compiled_checks(_name)
+    _backend.register("knn", _name, check=_knn_check)(_knn_impl)
+    _backend.register("kth_distance", _name, check=_kth_check)(_kth_impl)

@@ -332,7 +332,14 @@ def mahalanobis(
 # ---------------------------------------------------------------------------------------------
 
 
-def _compiled_check(u, center, factors, proj, *args) -> list[str]:
+def _compiled_check(backend: str, symbol: str):
+    def check(u, center, factors, proj, *args) -> list[str]:
+        return ext.missing_symbol(backend, symbol) + _dtype_reasons(u, proj)
+
+    return check
+
+
+def _dtype_reasons(u, proj) -> list[str]:
     why = []
     if u.dtype not in _KERNEL_DTYPES:
         why.append(f"compiled kernels take float32/float16/bfloat16 features, got {u.dtype}")
@@ -356,7 +363,7 @@ _DTYPE_CODE = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16
 _REDUCE_CODE = {"none": 0, "min": 1, "logsumexp": 2}
 
 
-@_backend.register(OP, "cpu", check=_compiled_check)
+@_backend.register(OP, "cpu", check=_compiled_check("cpu", "FusedDistance"))
 def _cpu(u, center, factors, proj, const, group, reduce, bias, triangular, precision):
     C = proj.shape[1]
     out, idx = _alloc(u, C, reduce)
@@ -390,7 +397,7 @@ def _cpu(u, center, factors, proj, const, group, reduce, bias, triangular, preci
     return (out, idx) if reduce == "min" else out
 
 
-@_backend.register(OP, "cuda", check=_compiled_check)
+@_backend.register(OP, "cuda", check=_compiled_check("cuda", "mahalanobis_fused"))
 def _cuda(u, center, factors, proj, const, group, reduce, bias, triangular, precision):
     C = proj.shape[1]
     out, idx = _alloc(u, C, reduce)
@@ -420,7 +427,7 @@ def _cuda(u, center, factors, proj, const, group, reduce, bias, triangular, prec
     return (out, idx) if reduce == "min" else out
 
 
-@_backend.register(OP, "triton", check=_compiled_check)
+@_backend.register(OP, "triton", check=_compiled_check("triton", "mahalanobis"))
 def _triton(u, center, factors, proj, const, group, reduce, bias, triangular, precision):
     from ..kernels import mahalanobis as tk  # imports triton: only when this backend runs
 
