@@ -1,0 +1,1169 @@
+"""The benchmark harness shared by ``ood-fast bench`` and the pytest-benchmark suite (benchmarks/).
+
+One run = one ``Workload`` (synthetic class-conditional features from ``ood_fast.data``) and a
+list of ``Candidate``s: our estimator on every available backend × precision, and the peers a
+user would otherwise pick (``ood_fast.peers``: the OpenOOD formula, pytorch-ood, the best plain
+torch expression, sklearn per class). For each candidate ``run_candidate``:
+
+1. fits on the training set and times it (warm-up once, then the median of repeats within a
+   time budget; a fit slower than the budget is timed once, that first run),
+2. scores the test set and times it the same way. Slow peers (``Candidate.sliced``) are timed on
+   an evenly spaced slice of the test rows, sized to the budget, and their time is scaled
+   linearly to the full test set; the row then says ``(scaled from n rows)``,
+3. checks the scores against a float64 evaluation of the same model (``Reference``): the max
+   relative difference after normalizing sign and scale (pytorch-ood's scores are ``+N·d²``,
+   ours ``−d²``), and AUROC / FPR95 (``ood_fast.metrics``) of the normalized scores.
+
+``run`` returns the rows (dicts, JSON-ready) and ``render`` the table. Threads are pinned for
+torch and for every BLAS/OpenMP pool threadpoolctl finds, and recorded with the CPU model and the
+library versions (``environment``). Absolute times on small machines drift; the speedup columns
+(peer time / our time, same run) are the figures to compare.
+
+``gpu_benchmark`` is the device check run by benchmarks/gpu_check.sh: the fused op on the
+``triton`` and ``cuda`` backends against the best cuBLAS expression, fp32 and bf16, timed with
+CUDA events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+OP = "mahalanobis_fused"
+COVARIANCES = ("tied", "per_class", "diagonal")
+PRECISIONS = ("fp32", "bf16")
+PEERS = ("openood", "pytorch_ood", "torch", "sklearn")
+PEER_LABELS = {
+    "openood": "OpenOOD formula",
+    "pytorch_ood": "pytorch-ood",
+    "torch": "torch expression",
+    "sklearn": "sklearn per class",
+}
+# Which covariance modes each peer computes (the others are left out with a reason).
+PEER_COVARIANCES = {
+    "openood": ("tied",),
+    "pytorch_ood": ("tied",),
+    "torch": ("tied", "per_class", "diagonal"),
+    "sklearn": ("tied",),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Environment: threads, machine, versions
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "cpu model", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def package_version(*dists: str) -> str | None:
+    """Installed version of the first distribution found among ``dists`` (never imports it)."""
+    for d in dists:
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None):
+    """Run the block with ``n`` threads in torch and in every BLAS/OpenMP pool (None: as is)."""
+    if n is None:
+        yield torch.get_num_threads()
+        return
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    limiter = contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(limits=n)
+    except Exception:  # threadpoolctl is optional: torch's pool is the one that matters most
+        pass
+    try:
+        with limiter:
+            yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+def environment() -> dict:
+    """What a benchmark figure depends on: machine, threads, versions (recorded in the JSON)."""
+    import ood_fast
+
+    env = {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ood_fast": ood_fast.__version__,
+        "triton": package_version("triton"),
+        "scikit-learn": package_version("scikit-learn"),
+        "pytorch-ood": package_version("pytorch-ood"),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        env["loadavg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = torch.version.cuda
+    env["OOD_FAST_env"] = {k: v for k, v in os.environ.items() if k.startswith("OOD_FAST_")}
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+
+_SYNTH_KEYS = ("n_train", "n_test", "dim", "num_classes", "ood_fraction", "seed")
+
+
+@dataclass
+class Workload:
+    """A synthetic feature set: shapes here, arrays generated on first use (``data``)."""
+
+    name: str
+    n_train: int
+    n_test: int
+    dim: int
+    num_classes: int
+    covariance: str = "tied"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # further synthetic_features keyword arguments
+    _data: dict | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_preset(
+        cls, preset: str = "cifar10", covariance: str = "tied", **overrides
+    ) -> Workload:
+        """The workload of ``ood_fast.data.PRESETS[preset]`` (overrides replace its fields)."""
+        from . import data
+
+        if preset not in data.PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(data.PRESETS)}")
+        spec = _as_dict(data.PRESETS[preset])
+        spec.update(overrides)
+        kw = {
+            k: spec.pop(k) for k in ("n_train", "n_test", "dim", "num_classes", "seed") if k in spec
+        }
+        missing = {"n_train", "n_test", "dim", "num_classes"} - set(kw)
+        if missing:
+            raise ValueError(f"preset {preset!r} lacks {sorted(missing)}")
+        for k in ("name", "covariance", "extra"):
+            spec.pop(k, None)
+        return cls(name=preset, covariance=covariance, extra=spec, **kw)
+
+    @property
+    def data(self) -> dict:
+        """dict(train_x [n_train, D] f32, train_y [n_train] i64, test_x [n_test, D] f32,
+        test_is_ood [n_test] bool), CPU torch tensors, generated once."""
+        if self._data is None:
+            from . import data
+
+            extra = {k: v for k, v in self.extra.items() if k in _SYNTH_KEYS}
+            d = data.synthetic_features(
+                n_train=self.n_train,
+                n_test=self.n_test,
+                dim=self.dim,
+                num_classes=self.num_classes,
+                seed=self.seed,
+                **extra,
+            )
+            self._data = {
+                "train_x": _tensor(d["train_x"], torch.float32),
+                "train_y": _tensor(d["train_y"], torch.int64),
+                "test_x": _tensor(d["test_x"], torch.float32),
+                "test_is_ood": _tensor(d["test_is_ood"], torch.bool),
+            }
+        return self._data
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {self.covariance} covariance, C={self.num_classes}, D={self.dim}, "
+            f"train {self.n_train:,}, test {self.n_test:,}"
+        )
+
+    def meta(self) -> dict:
+        return {
+            "name": self.name,
+            "covariance": self.covariance,
+            "num_classes": self.num_classes,
+            "dim": self.dim,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "seed": self.seed,
+        }
+
+
+def _as_dict(spec) -> dict:
+    if isinstance(spec, dict):
+        return dict(spec)
+    if dataclasses.is_dataclass(spec):
+        return dataclasses.asdict(spec)
+    if hasattr(spec, "_asdict"):
+        return dict(spec._asdict())
+    return dict(vars(spec))
+
+
+def _tensor(a, dtype) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(dtype).contiguous()
+
+
+def score_flops(n: int, dim: int, num_classes: int, covariance: str) -> float:
+    """FLOPs the scoring needs (GEMMs only): triangular whitening + the distance GEMM."""
+    if covariance == "tied":
+        return n * dim * dim + 2.0 * n * dim * num_classes
+    if covariance == "per_class":
+        return num_classes * n * dim * dim + 2.0 * n * dim * num_classes
+    return 2.0 * n * (2 * dim) * num_classes  # diagonal: [x², x] @ [2D, C]
+
+
+# ---------------------------------------------------------------------------------------------
+# The float64 reference evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class Reference:
+    """A float64 Gaussian model fitted independently of every candidate, evaluated in float64.
+
+    Maximum-likelihood statistics (covariance normalised by the sample count N, as sklearn's
+    EmpiricalCovariance and OpenOOD; a candidate with N−1 or pytorch-ood's sum differs by a
+    scale, which the comparison removes). Tied: one covariance of the class-centred features;
+    per_class: one per class; diagonal: per-class variances. Score: −min_c d²_c.
+    """
+
+    def __init__(
+        self,
+        train_x,
+        train_y,
+        covariance: str = "tied",
+        num_classes: int | None = None,
+        ridge: float = 0.0,
+    ):
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        x = torch.as_tensor(train_x).to(torch.float64)
+        y = torch.as_tensor(train_y).to(x.device, torch.long)
+        C = int(num_classes if num_classes is not None else int(y.max()) + 1)
+        D = x.shape[1]
+        counts = torch.bincount(y, minlength=C).to(torch.float64)
+        if bool((counts == 0).any()):
+            raise ValueError("reference: a class has no training samples")
+        means = torch.zeros(C, D, dtype=torch.float64, device=x.device).index_add_(0, y, x)
+        means /= counts[:, None]
+        self.covariance = covariance
+        self.means = means
+        self.center = means.mean(0)
+        eye = torch.eye(D, dtype=torch.float64, device=x.device)
+        xc = x - means[y]
+        if covariance == "tied":
+            cov = (xc.T @ xc) / x.shape[0] + ridge * eye
+            self.factors = self._whitener(cov)[None]  # [1, D, D]
+            self.group = torch.zeros(C, dtype=torch.long, device=x.device)
+        elif covariance == "per_class":
+            ws = []
+            for c in range(C):
+                xs = xc[y == c]
+                ws.append(self._whitener((xs.T @ xs) / xs.shape[0] + ridge * eye))
+            self.factors = torch.stack(ws)
+            self.group = torch.arange(C, device=x.device)
+        else:
+            var = torch.zeros(C, D, dtype=torch.float64, device=x.device).index_add_(0, y, xc * xc)
+            var = var / counts[:, None] + ridge
+            self.inv_var = 1.0 / var.clamp_min(torch.finfo(torch.float64).tiny)
+            self.factors = None
+
+    @staticmethod
+    def _whitener(cov: torch.Tensor) -> torch.Tensor:
+        """W with W Wᵀ = cov⁻¹: W = L⁻ᵀ from the Cholesky factor (pseudo-inverse if singular)."""
+        L, info = torch.linalg.cholesky_ex(cov)
+        if int(info) == 0:
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            return torch.linalg.solve_triangular(L, eye, upper=False).T
+        vals, vecs = torch.linalg.eigh(cov)
+        keep = vals > vals.max() * cov.shape[0] * torch.finfo(torch.float64).eps
+        return vecs[:, keep] / vals[keep].sqrt()  # [D, r]
+
+    def distances(self, x, chunk: int = 2048) -> torch.Tensor:
+        """[N, C] float64 squared distances."""
+        x = torch.as_tensor(x).to(self.means.device, torch.float64)
+        out = torch.empty(x.shape[0], self.means.shape[0], dtype=torch.float64, device=x.device)
+        mc = self.means - self.center
+        for s in range(0, x.shape[0], chunk):
+            xt = x[s : s + chunk] - self.center
+            if self.factors is None:
+                d2 = (xt * xt) @ self.inv_var.T - 2.0 * xt @ (mc * self.inv_var).T
+                d2 += (mc * mc * self.inv_var).sum(1)
+            elif self.factors.shape[0] == 1:
+                w = self.factors[0]
+                z, mw = xt @ w, mc @ w
+                d2 = (z * z).sum(1, keepdim=True) - 2.0 * z @ mw.T + (mw * mw).sum(1)
+            else:
+                d2 = torch.empty(xt.shape[0], mc.shape[0], dtype=torch.float64, device=x.device)
+                for c in range(mc.shape[0]):
+                    d2[:, c] = ((xt - mc[c]) @ self.factors[c]).square().sum(1)
+            out[s : s + chunk] = d2.clamp_min_(0.0)
+        return out
+
+    def score(self, x) -> np.ndarray:
+        """float64 scores −min_c d²_c (higher = more in-distribution), as numpy."""
+        if torch.as_tensor(x).shape[0] == 0:
+            return np.zeros(0)
+        return (-self.distances(x).min(dim=1).values).cpu().numpy()
+
+
+def compare(scores, ref: np.ndarray) -> dict:
+    """Sign/scale-normalize ``scores`` against ``ref`` (least squares ``a·scores ≈ ref``).
+
+    Returns dict(scale=a, max_rel_diff, median_rel_diff, normalized=a·scores as float64 numpy).
+    The relative difference of element i is |a·s_i − r_i| / |r_i| (|r_i| floored at 1e-12 of
+    max |r| so a score of exactly 0 cannot divide by zero).
+    """
+    s = _numpy64(scores)
+    r = np.asarray(ref, dtype=np.float64)
+    if s.shape != r.shape:
+        raise ValueError(f"scores have shape {s.shape}, reference {r.shape}")
+    if s.size == 0:
+        return {"scale": 1.0, "max_rel_diff": 0.0, "median_rel_diff": 0.0, "normalized": s}
+    ss = float(s @ s)
+    a = float(s @ r) / ss if ss > 0 else 1.0
+    if not math.isfinite(a) or a == 0.0:
+        a = 1.0
+    n = a * s
+    denom = np.maximum(np.abs(r), 1e-12 * max(float(np.abs(r).max()), 1e-300))
+    rel = np.abs(n - r) / denom
+    if not np.all(np.isfinite(rel)):
+        return {
+            "scale": a,
+            "max_rel_diff": float("inf"),
+            "median_rel_diff": float("inf"),
+            "normalized": n,
+        }
+    return {
+        "scale": a,
+        "max_rel_diff": float(rel.max()),
+        "median_rel_diff": float(np.median(rel)),
+        "normalized": n,
+    }
+
+
+def _numpy64(a) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    if isinstance(a, tuple) and len(a) == 2 and hasattr(a, "values"):  # a MinResult
+        return _numpy64(a.values)
+    return np.asarray(a, dtype=np.float64)
+
+
+def ood_metrics(scores, is_ood) -> dict:
+    """AUROC / FPR95 / AUPR (ood_fast.metrics, OOD positive) of scores where higher = ID."""
+    from . import metrics
+
+    s = _numpy64(scores)
+    o = np.asarray(torch.as_tensor(is_ood).cpu().numpy(), dtype=bool)
+    if o.all() or not o.any():
+        return {"auroc": float("nan"), "fpr95": float("nan")}
+    return metrics.evaluate(s[~o], s[o])
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """Something to time: ``fit(train_x, train_y) -> model``, ``score(model, x) -> [N] scores``.
+
+    ``kind``: "ours" or "peer". ``sliced``: time scoring on a slice of the test rows, scaled
+    linearly (slow peers). ``min_rows``: smallest representative slice (e.g. one batch).
+    ``device``: where its inputs live ("cpu" or "cuda"); the harness moves them, untimed.
+    """
+
+    name: str
+    kind: str
+    fit: Callable[[Any, Any], Any]
+    score: Callable[[Any, Any], Any]
+    backend: str | None = None
+    precision: str = "fp32"
+    peer: str | None = None
+    sliced: bool = False
+    min_rows: int = 64
+    device: str = "cpu"
+
+    def info(self) -> dict:
+        return {
+            "candidate": self.name,
+            "kind": self.kind,
+            "backend": self.backend,
+            "precision": self.precision,
+            "peer": self.peer,
+            "device": self.device,
+        }
+
+
+def _device_for(backend: str) -> str:
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
+
+
+def available_backends() -> dict[str, list[str]]:
+    """Backend -> reasons it cannot run the Mahalanobis op here (empty: it can).
+
+    The Triton interpreter (TRITON_INTERPRET=1) is a test tool, never timed: without a GPU
+    triton counts as unavailable here even when the interpreter is on.
+    """
+    from . import (
+        _backend,
+        ops,  # noqa: F401  (registers the op's implementations)
+    )
+
+    out = {}
+    for b, why in _backend.availability().items():
+        why = list(why)
+        if b not in _backend.registered_ops().get(OP, ()):
+            why.append(f"no {b!r} implementation of {OP!r} is registered")
+        if b == "triton" and not torch.cuda.is_available() and not why:
+            why.append("only the Triton CPU interpreter is on (a test tool, not timed)")
+        out[b] = why
+    return out
+
+
+def ours(
+    backend: str,
+    precision: str = "fp32",
+    covariance: str = "tied",
+    shrinkage=None,
+    method: str = "mahalanobis",
+) -> Candidate:
+    """Our estimator, pinned to ``backend`` and ``precision``."""
+    cls_name = {
+        "mahalanobis": "Mahalanobis",
+        "relative_mahalanobis": "RelativeMahalanobis",
+        "gaussian": "GaussianLikelihood",
+    }[method]
+
+    def fit(x, y):
+        from .detectors import mahalanobis as det
+
+        return getattr(det, cls_name)(
+            covariance=covariance, shrinkage=shrinkage, backend=backend, precision=precision
+        ).fit(x, y)
+
+    return Candidate(
+        name=f"ours {backend} {precision}",
+        kind="ours",
+        fit=fit,
+        score=lambda m, x: m.score(x),
+        backend=backend,
+        precision=precision,
+        device=_device_for(backend),
+    )
+
+
+def peer(name: str, covariance: str = "tied") -> Candidate | str:
+    """The peer ``name`` as a Candidate, or a string saying why it cannot run here."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; expected one of {PEERS}")
+    if covariance not in PEER_COVARIANCES[name]:
+        return f"computes a tied covariance only (workload: {covariance})"
+    try:
+        from . import peers as P
+    except Exception as exc:  # the module is optional to the harness
+        return f"ood_fast.peers did not import ({type(exc).__name__}: {exc})"
+    label = PEER_LABELS[name]
+    try:
+        if name == "openood":
+            return Candidate(
+                name=label,
+                kind="peer",
+                peer=name,
+                sliced=True,
+                min_rows=200,
+                fit=P.openood_fit,
+                score=P.openood_score,
+            )
+        if name == "torch":
+            return Candidate(
+                name=label,
+                kind="peer",
+                peer=name,
+                fit=lambda x, y: P.torch_expression_fit(x, y, covariance=covariance),
+                score=P.torch_expression_score,
+            )
+        if name == "pytorch_ood":
+            why = _pytorch_ood_unavailable(P)
+            if why:
+                return why
+            return Candidate(
+                name=label,
+                kind="peer",
+                peer=name,
+                sliced=True,
+                fit=P.pytorch_ood_fit,
+                score=P.pytorch_ood_score,
+            )
+        if name == "sklearn":
+            try:
+                import sklearn  # noqa: F401
+            except Exception as exc:
+                return f"scikit-learn does not import ({type(exc).__name__}: {exc})"
+            return Candidate(
+                name=label,
+                kind="peer",
+                peer=name,
+                sliced=True,
+                fit=P.sklearn_fit,
+                score=P.sklearn_score,
+            )
+    except AttributeError as exc:
+        return f"ood_fast.peers lacks {exc.name if hasattr(exc, 'name') else exc}"
+    raise AssertionError(name)
+
+
+def _pytorch_ood_unavailable(P) -> str | None:
+    ok = P.pytorch_ood_available()
+    return None if ok is True else str(ok)
+
+
+def candidates(
+    covariance: str = "tied",
+    backends: Sequence[str] | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    peers: Sequence[str] = PEERS,
+    shrinkage=None,
+) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Our estimator on each requested (default: every available) backend × precision, then the
+    requested peers. Returns (candidates, skipped) with skipped = [(name, reason)]."""
+    avail = available_backends()
+    out: list[Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    for b in backends if backends is not None else list(avail):
+        if b not in avail:
+            raise ValueError(f"unknown backend {b!r}; expected one of {tuple(avail)}")
+        if avail[b]:
+            skipped.append((f"ours {b}", "; ".join(avail[b])))
+            continue
+        for p in precisions:
+            out.append(ours(b, p, covariance, shrinkage))
+    for name in peers:
+        c = peer(name, covariance)
+        if isinstance(c, str):
+            skipped.append((PEER_LABELS[name], c))
+        else:
+            out.append(c)
+    return out, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median: float
+    min: float
+    runs: int
+    warmup: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(
+    fn: Callable[[], Any], *, repeats: int = 5, budget: float = 5.0, device: str = "cpu"
+) -> tuple[Timing, Any]:
+    """Warm up once, then time up to ``repeats`` runs while the timed total stays under
+    ``budget`` seconds (at least one timed run, unless the warm-up alone took longer than the
+    budget: then that run is the measurement). CUDA work is timed with CUDA events.
+    Returns (Timing, the last result)."""
+    cuda = device == "cuda"
+
+    def once():
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            r = fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3, r
+        t0 = time.perf_counter()
+        r = fn()
+        return time.perf_counter() - t0, r
+
+    _sync(device)
+    t_warm, result = once()
+    if t_warm > budget:
+        return Timing(t_warm, t_warm, 1, t_warm), result
+    times: list[float] = []
+    while len(times) < max(1, repeats):
+        t, result = once()
+        times.append(t)
+        if sum(times) + statistics.median(times) > budget:
+            break
+    return Timing(statistics.median(times), min(times), len(times), t_warm), result
+
+
+def slice_rows(n_total: int, n: int) -> torch.Tensor:
+    """``n`` evenly spaced row indices of ``n_total`` (so a slice keeps both ID and OOD rows)."""
+    n = max(1, min(n, n_total))
+    if n == n_total:
+        return torch.arange(n_total)
+    return torch.from_numpy(np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def run_candidate(
+    cand: Candidate,
+    wl: Workload,
+    reference: Reference | None = None,
+    *,
+    repeats: int = 5,
+    budget: float = 5.0,
+    check_rows: int | None = None,
+) -> dict:
+    """Fit, score and check one candidate on one workload; returns its row (never raises)."""
+    row = cand.info()
+    d = wl.data
+    dev = cand.device
+    try:
+        train_x, train_y = d["train_x"].to(dev), d["train_y"].to(dev)
+        test_x = d["test_x"].to(dev)
+        N = test_x.shape[0]
+        fit_t, model = time_call(
+            lambda: cand.fit(train_x, train_y), repeats=repeats, budget=budget, device=dev
+        )
+        row["fit_s"] = fit_t.median
+        row["fit_timing"] = fit_t.as_dict()
+        rows_idx = None
+        if cand.sliced:
+            # probe on a minimal slice, then size the slice so warm-up + repeats fit the budget
+            probe = slice_rows(N, cand.min_rows)
+            px = test_x[probe.to(dev)]
+            _sync(dev)
+            t0 = time.perf_counter()
+            cand.score(model, px)
+            _sync(dev)
+            per_row = max(time.perf_counter() - t0, 1e-9) / len(probe)
+            runs = max(1, min(repeats, 3)) + 1
+            n = int(budget / runs / per_row)
+            n = max(len(probe), (n // cand.min_rows) * cand.min_rows)
+            if n < N:
+                rows_idx = slice_rows(N, n)
+        x_timed = test_x if rows_idx is None else test_x[rows_idx.to(dev)]
+        score_t, scores = time_call(
+            lambda: cand.score(model, x_timed), repeats=repeats, budget=budget, device=dev
+        )
+        n_rows = x_timed.shape[0]
+        scale = N / n_rows
+        row["score_s"] = score_t.median * scale
+        row["score_timing"] = score_t.as_dict()
+        row["scored_rows"] = n_rows
+        row["scaled_from_rows"] = n_rows if rows_idx is not None else None
+        row["gflops"] = score_flops(N, wl.dim, wl.num_classes, wl.covariance) / row["score_s"] / 1e9
+        scores = _numpy64(scores)
+        if scores.shape != (n_rows,):
+            raise ValueError(f"score returned shape {scores.shape}, expected ({n_rows},)")
+        is_ood = d["test_is_ood"] if rows_idx is None else d["test_is_ood"][rows_idx]
+        if reference is not None:
+            idx = rows_idx
+            if idx is None and check_rows is not None and check_rows < N:
+                idx = slice_rows(N, check_rows)
+            sub = scores if idx is None or rows_idx is not None else scores[idx.numpy()]
+            ref = reference.score(d["test_x"] if idx is None else d["test_x"][idx])
+            cmp = compare(sub, ref)
+            row["scale"] = cmp["scale"]
+            row["max_rel_diff"] = cmp["max_rel_diff"]
+            row["median_rel_diff"] = cmp["median_rel_diff"]
+            row["checked_rows"] = len(ref)
+            sign = 1.0 if cmp["scale"] >= 0 else -1.0
+        else:
+            sign = 1.0
+        row.update(ood_metrics(sign * scores, is_ood))
+        row["status"] = "ok"
+    except Exception as exc:  # a failing candidate is a row with its error, not a dead run
+        row["status"] = "error"
+        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+    return row
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """For each of our rows: speedup_<peer> = peer score time / our score time (same run), and
+    fit_speedup_<peer> likewise for fit."""
+    peers_ok = {r["peer"]: r for r in rows if r["kind"] == "peer" and r.get("status") == "ok"}
+    for r in rows:
+        if r["kind"] != "ours" or r.get("status") != "ok":
+            continue
+        r["speedup"] = {p: pr["score_s"] / r["score_s"] for p, pr in peers_ok.items()}
+        r["fit_speedup"] = {p: pr["fit_s"] / r["fit_s"] for p, pr in peers_ok.items()}
+
+
+def run(
+    preset: str = "cifar10",
+    *,
+    covariance: str = "tied",
+    backends: Sequence[str] | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    peers: Sequence[str] = PEERS,
+    threads: int | None = None,
+    repeats: int = 5,
+    budget: float = 5.0,
+    progress: bool = True,
+    workload: Workload | None = None,
+    check_rows: int | None = None,
+    log=None,
+) -> dict:
+    """The whole benchmark: returns dict(meta, rows, skipped, table)."""
+    from tqdm import tqdm
+
+    wl = workload or Workload.from_preset(preset, covariance=covariance)
+    load_before = _loadavg()
+    with pinned_threads(threads):
+        cands, skipped = candidates(
+            covariance=wl.covariance, backends=backends, precisions=precisions, peers=peers
+        )
+        bar = tqdm(
+            total=len(cands) + 2,
+            file=sys.stderr,
+            disable=not progress,
+            desc="ood-fast bench",
+            unit="step",
+            leave=False,
+        )
+        bar.set_postfix_str(f"generating {wl.name} data")
+        d = wl.data
+        bar.update()
+        bar.set_postfix_str("float64 reference")
+        reference = Reference(d["train_x"], d["train_y"], wl.covariance, wl.num_classes)
+        if check_rows is None and wl.covariance == "per_class":
+            check_rows = 2000  # the per-class float64 reference costs C·N·D² flops
+        bar.update()
+        rows = []
+        for c in cands:
+            bar.set_postfix_str(c.name)
+            rows.append(
+                run_candidate(
+                    c, wl, reference, repeats=repeats, budget=budget, check_rows=check_rows
+                )
+            )
+            bar.update()
+        bar.close()
+        add_speedups(rows)
+        meta = {
+            "workload": wl.meta(),
+            "environment": environment(),
+            "repeats": repeats,
+            "budget_s": budget,
+            "loadavg_before": load_before,
+        }
+    result = {"meta": meta, "rows": rows, "skipped": [list(s) for s in skipped]}
+    result["table"] = render(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt_s(t: float | None) -> str:
+    if t is None or not math.isfinite(t):
+        return "-"
+    if t >= 100:
+        return f"{t:.0f}"
+    if t >= 1:
+        return f"{t:.2f}"
+    return f"{t:.3g}"
+
+
+def _fmt_x(v: float | None) -> str:
+    if v is None or not math.isfinite(v):
+        return "-"
+    return f"{v:.0f}×" if v >= 100 else f"{v:.1f}×" if v >= 10 else f"{v:.2f}×"
+
+
+def _fmt_f(v, digits=4) -> str:
+    return (
+        "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+    )
+
+
+def _fmt_e(v) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.1e}"
+
+
+def table(headers: list[str], body: list[list[str]], right: set[int] | None = None) -> str:
+    """A plain monospace table (no dependencies)."""
+    right = right if right is not None else set(range(1, len(headers)))
+    widths = [
+        max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)
+    ]
+
+    def line(cells):
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def render(result: dict) -> str:
+    """The table of one ``run``: candidate, fit s, score s, GFLOP/s, score speedup of ours vs
+    each peer, max relative difference vs float64, AUROC, FPR95; notes underneath."""
+    rows = result["rows"]
+    meta = result["meta"]
+    wl, env = meta["workload"], meta["environment"]
+    peer_cols = [r["peer"] for r in rows if r["kind"] == "peer" and r.get("status") == "ok"]
+    headers = [
+        "candidate",
+        "fit s",
+        "score s",
+        "GFLOP/s",
+        *[f"vs {PEER_LABELS[p].split()[0]}" for p in peer_cols],
+        "max rel diff",
+        "AUROC",
+        "FPR95",
+    ]
+    body, notes = [], []
+    for r in rows:
+        name = r["candidate"]
+        if r.get("status") != "ok":
+            notes.append(f"{name}: failed: {r.get('error')}")
+            body.append([name, "failed", *["-"] * (len(headers) - 2)])
+            continue
+        score = fmt_s(r["score_s"])
+        if r.get("scaled_from_rows"):
+            mark = "*" * (1 + sum(1 for n in notes if n.startswith("*")))
+            score += mark
+            notes.append(
+                f"{mark} {name}: score time (scaled from {r['scaled_from_rows']:,} rows; "
+                "its accuracy and AUROC/FPR95 on those rows)"
+            )
+        sp = r.get("speedup", {})
+        scale_flag = ""
+        if r["kind"] == "ours" and "scale" in r and abs(r["scale"] - 1.0) > 1e-3:
+            scale_flag = " (scale!)"
+            notes.append(f"{name}: scores differ from float64 by a scale {r['scale']:.6g}")
+        body.append(
+            [
+                name,
+                fmt_s(r["fit_s"]),
+                score,
+                f"{r['gflops']:.1f}",
+                *[_fmt_x(sp.get(p)) if r["kind"] == "ours" else "" for p in peer_cols],
+                _fmt_e(r.get("max_rel_diff")) + scale_flag,
+                _fmt_f(r.get("auroc")),
+                _fmt_f(r.get("fpr95")),
+            ]
+        )
+    out = [
+        f"ood-fast bench — {wl['name']}: {wl['covariance']} covariance, C={wl['num_classes']}, "
+        f"D={wl['dim']}, train {wl['n_train']:,} × test {wl['n_test']:,}",
+        f"{env['cpu_model']}, {env['threads']} threads, torch {env['torch']}"
+        + (f", {env['gpu']}" if env.get("gpu") else ""),
+        "",
+        table(headers, body),
+        "",
+        "vs <peer>: that peer's score time / ours (same run); max rel diff: vs a float64 "
+        "evaluation, after normalizing sign and scale; AUROC/FPR95: OOD positive.",
+    ]
+    for n in notes:
+        out.append(n)
+    load = meta.get("loadavg_before")
+    if load is not None and load > 1.0:
+        out.append(
+            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
+            "other processes were using the CPU; times are noisy (ratios less so)"
+        )
+    for name, why in result.get("skipped", []):
+        out.append(f"not run: {name}: {why}")
+    return "\n".join(out)
+
+
+def write_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=_json_default, allow_nan=True)
+        f.write("\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU benchmark (benchmarks/gpu_check.sh runs this on a lent GPU)
+# ---------------------------------------------------------------------------------------------
+
+GPU_CASES = (
+    {
+        "name": "tied C=1000 D=2048 N=10k",
+        "num_classes": 1000,
+        "dim": 2048,
+        "n_train": 50_000,
+        "n_test": 10_000,
+    },
+    {
+        "name": "tied C=10 D=512 N=10k",
+        "num_classes": 10,
+        "dim": 512,
+        "n_train": 50_000,
+        "n_test": 10_000,
+    },
+)
+
+
+def torch_expression(
+    xc: torch.Tensor,
+    w: torch.Tensor,
+    mw: torch.Tensor,
+    mnorm: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+):
+    """The best plain torch (cuBLAS) expression of tied Mahalanobis scoring:
+    z = x̃ W (one GEMM), d² = ‖z‖² − 2 z·mw + ‖mw‖² (one addmm), min over classes.
+    ``dtype``: GEMM input dtype (float32, or bfloat16 with fp32 accumulation in cuBLAS)."""
+    if dtype == torch.float32:
+        z = xc @ w
+        d2 = torch.addmm(mnorm[None, :], z, mw.T, alpha=-2.0)
+    else:  # bf16 GEMMs (fp32 accumulation inside cuBLAS, bf16 outputs), the rest in fp32
+        z = xc.to(dtype) @ w.to(dtype)
+        d2 = mnorm[None, :] - 2.0 * (z @ mw.T.to(dtype)).float()
+        z = z.float()
+    d2 += (z * z).sum(1, keepdim=True)
+    return -d2.min(dim=1).values
+
+
+def gpu_benchmark(
+    out_path: str | None = None,
+    *,
+    repeats: int = 20,
+    budget: float = 10.0,
+    cases: Sequence[dict] = GPU_CASES,
+    progress: bool = True,
+    device: str = "cuda",
+) -> dict:
+    """Time ``ood_fast.ops.mahalanobis`` (reduce="min") on the ``triton`` and ``cuda`` backends
+    (and the torch reference backend) against the best torch/cuBLAS expression in fp32, TF32 and
+    bf16, on GPU-resident data, with CUDA events (warm-up, then the median of up to ``repeats``
+    runs within ``budget`` seconds). Every candidate is checked against a float64 evaluation and
+    gets AUROC/FPR95. Writes JSON (rows + environment) to ``out_path``; returns the dict, whose
+    "table" is the rendered text. ``device="cpu"`` is a dry run of the same code on the CPU
+    (backends cpu and torch), for testing the harness without a GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("gpu_benchmark needs a CUDA device; torch sees none")
+    backends = ("triton", "cuda", "torch") if device == "cuda" else ("cpu", "torch")
+    results = {
+        "meta": {"environment": environment(), "repeats": repeats, "budget_s": budget},
+        "cases": [],
+        "skipped": [],
+    }
+    avail = available_backends()
+    for b in backends:
+        if avail.get(b):
+            results["skipped"].append([f"ours {b}", "; ".join(avail[b])])
+    for case in cases:
+        results["cases"].append(_gpu_case(case, backends, avail, repeats, budget, progress, device))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    results["table"] = render_gpu(results)
+    if out_path:
+        write_json(results, out_path)
+    return results
+
+
+def _gpu_case(
+    case: dict, backends, avail: dict, repeats: int, budget: float, progress: bool, device: str
+) -> dict:
+    from tqdm import tqdm
+
+    from . import data, ops
+
+    dev = torch.device(device)
+    d = data.synthetic_features(
+        n_train=case["n_train"],
+        n_test=case["n_test"],
+        dim=case["dim"],
+        num_classes=case["num_classes"],
+        seed=0,
+    )
+    train_x = _tensor(d["train_x"], torch.float32).to(dev)
+    train_y = _tensor(d["train_y"], torch.int64).to(dev)
+    test_x = _tensor(d["test_x"], torch.float32).to(dev)
+    is_ood = _tensor(d["test_is_ood"], torch.bool)
+    ref = Reference(train_x, train_y, "tied", case["num_classes"])
+    ref_scores = ref.score(test_x)
+    w64 = ref.factors[0]  # upper triangular L⁻ᵀ
+    plan = ops.mahalanobis_plan(ref.means, w64, triangular=True)
+    w32, center32 = w64.float(), ref.center.float()
+    mw64 = (ref.means - ref.center) @ w64
+    mw, mnorm = mw64.float(), (mw64 * mw64).sum(1).float()
+    del train_x, train_y, ref
+    N, D, C = test_x.shape[0], case["dim"], case["num_classes"]
+    flops = score_flops(N, D, C, "tied")
+
+    def ours_fn(b, p):
+        return lambda: ops.mahalanobis(test_x, plan, "min", precision=p, backend=b).values.neg()
+
+    def torch_fn(dt, tf32):
+        return lambda: _with_tf32(
+            tf32, lambda: torch_expression(test_x - center32, w32, mw, mnorm, dt)
+        )
+
+    cands: list[tuple[str, Callable[[], Any], dict]] = []
+    for b in backends:
+        if not avail.get(b):
+            for p in PRECISIONS:
+                cands.append(
+                    (f"ours {b} {p}", ours_fn(b, p), {"kind": "ours", "backend": b, "precision": p})
+                )
+    for label, dt, tf32 in (
+        ("torch fp32", torch.float32, False),
+        ("torch tf32", torch.float32, True),
+        ("torch bf16", torch.bfloat16, False),
+    ):
+        cands.append((label, torch_fn(dt, tf32), {"kind": "peer", "peer": label}))
+    rows = []
+    for label, fn, info in tqdm(
+        cands, file=sys.stderr, disable=not progress, desc=case["name"], leave=False
+    ):
+        row = {"candidate": label, **info}
+        try:
+            t, scores = time_call(fn, repeats=repeats, budget=budget, device=device)
+            row.update(
+                score_s=t.median,
+                score_min_s=t.min,
+                runs=t.runs,
+                warmup_s=t.warmup,
+                tflops=flops / t.median / 1e12,
+            )
+            cmp = compare(scores, ref_scores)
+            row.update(
+                scale=cmp["scale"],
+                max_rel_diff=cmp["max_rel_diff"],
+                median_rel_diff=cmp["median_rel_diff"],
+            )
+            row.update(ood_metrics(cmp["normalized"], is_ood))
+            row["status"] = "ok"
+        except Exception as exc:
+            row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:300])
+        rows.append(row)
+    by = {r["candidate"]: r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        if r["kind"] == "ours" and r.get("status") == "ok":
+            r["speedup"] = {
+                k: by[k]["score_s"] / r["score_s"]
+                for k in ("torch fp32", "torch tf32", "torch bf16")
+                if k in by
+            }
+    return {**case, "flops": flops, "rows": rows}
+
+
+def _with_tf32(on: bool, fn):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def render_gpu(results: dict) -> str:
+    env = results["meta"]["environment"]
+    out = [
+        f"ood-fast GPU bench — {env.get('gpu', '?')}, torch {env['torch']}, CUDA {env.get('cuda')}"
+    ]
+    for case in results["cases"]:
+        headers = [
+            "candidate",
+            "score ms",
+            "TFLOP/s",
+            "vs torch fp32",
+            "vs torch tf32",
+            "vs torch bf16",
+            "max rel diff",
+            "AUROC",
+            "FPR95",
+        ]
+        body = []
+        for r in case["rows"]:
+            if r.get("status") != "ok":
+                body.append([r["candidate"], "failed", *["-"] * 7])
+                continue
+            sp = r.get("speedup", {})
+            body.append(
+                [
+                    r["candidate"],
+                    f"{r['score_s'] * 1e3:.3f}",
+                    f"{r['tflops']:.1f}",
+                    *[
+                        _fmt_x(sp.get(k)) if sp else ""
+                        for k in ("torch fp32", "torch tf32", "torch bf16")
+                    ],
+                    _fmt_e(r["max_rel_diff"]),
+                    _fmt_f(r.get("auroc")),
+                    _fmt_f(r.get("fpr95")),
+                ]
+            )
+        out += ["", case["name"], table(headers, body)]
+        out += [
+            f"{r['candidate']}: failed: {r['error']}"
+            for r in case["rows"]
+            if r.get("status") != "ok"
+        ]
+    for name, why in results.get("skipped", []):
+        out.append(f"not run: {name}: {why}")
+    return "\n".join(out)

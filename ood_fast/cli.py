@@ -1,0 +1,418 @@
+"""The ``ood-fast`` command line (also ``python -m ood_fast``).
+
+    ood-fast bench [--preset cifar10|imagenet|quick] [--quick] [--covariance tied|per_class|diagonal]
+                   [--backends cpu,torch,...] [--peers openood,pytorch_ood,torch,sklearn]
+                   [--precisions fp32,bf16] [--threads N] [--json PATH] [--gpu]
+    ood-fast score --train train.npz --test test.npz --method mahalanobis|relative_mahalanobis|gaussian
+                   [--covariance ...] [--shrinkage ...] [--backend ...] --out scores.npy
+                   [--save model.safetensors]
+    ood-fast info
+
+Errors a user can fix (a missing file or key, a bad option, an unavailable backend, bad
+features) print one ``ood-fast: error: ...`` line and exit with status 2; ``--traceback`` shows
+the full trace instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+METHODS = {
+    "mahalanobis": "Mahalanobis",
+    "relative_mahalanobis": "RelativeMahalanobis",
+    "gaussian": "GaussianLikelihood",
+}
+ENV_VARS = {
+    "OOD_FAST_BACKEND": "default backend for every op (cpu, triton, cuda, torch); unset: automatic",
+    "OOD_FAST_BUILD_CUDA": "at install: 1 builds the CUDA extension, 0 never; unset: if nvcc + GPU",
+    "OOD_FAST_CUDA_ARCHS": "at install: CUDA architectures to compile for, e.g. 90 or 80;90",
+}
+
+
+class UserError(Exception):
+    """An error the user can fix: printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv(value: str, allowed, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise UserError(
+            f"--{what}: unknown {', '.join(bad)}; expected a comma list of {', '.join(allowed)}"
+        )
+    return items
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    if args.gpu:
+        res = bench.gpu_benchmark(args.json, progress=not args.no_progress)
+        print(res["table"])
+        if args.json:
+            print(f"\nwrote {args.json}")
+        return 0
+    from . import _backend
+
+    preset = args.preset or ("quick" if args.quick else "cifar10")
+    backends = _csv(args.backends, _backend.BACKENDS, "backends") if args.backends else None
+    peers = _csv(args.peers, bench.PEERS, "peers") if args.peers is not None else bench.PEERS
+    precisions = _csv(args.precisions, bench.PRECISIONS, "precisions")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    try:
+        from . import data
+
+        presets = sorted(data.PRESETS)
+    except ImportError as exc:
+        raise UserError(f"ood_fast.data is not available ({exc})") from exc
+    if preset not in presets:
+        raise UserError(f"--preset: unknown {preset!r}; expected one of {', '.join(presets)}")
+    res = bench.run(
+        preset,
+        covariance=args.covariance,
+        backends=backends,
+        precisions=precisions,
+        peers=peers,
+        threads=args.threads,
+        repeats=repeats,
+        budget=budget,
+        progress=not args.no_progress,
+    )
+    print(res["table"])
+    if args.json:
+        bench.write_json(res, args.json)
+        print(f"\nwrote {args.json}")
+    ok = [r for r in res["rows"] if r["kind"] == "ours" and r.get("status") == "ok"]
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+# ---------------------------------------------------------------------------------------------
+
+
+def _shrinkage(value: str | None):
+    if value is None or value.lower() == "none":
+        return None
+    if value in ("ledoit_wolf", "oas"):
+        return value
+    try:
+        v = float(value)
+    except ValueError:
+        raise UserError(
+            f"--shrinkage: expected none, a number in [0, 1], ledoit_wolf or oas; got {value!r}"
+        ) from None
+    if not 0.0 <= v <= 1.0:
+        raise UserError(f"--shrinkage: a number must lie in [0, 1], got {v}")
+    return v
+
+
+def _load(path: str, what: str):
+    from . import data
+
+    if not os.path.exists(path):
+        raise UserError(f"--{what}: no such file: {path}")
+    if os.path.isdir(path):
+        raise UserError(
+            f"--{what}: {path} is a directory, expected a features file "
+            f"(.npy, .npz, .pt, .safetensors)"
+        )
+    try:
+        return data.load_features(path)
+    except KeyError as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        raise UserError(f"--{what} {path}: {msg}") from exc
+    except (ValueError, TypeError, OSError) as exc:
+        raise UserError(f"--{what} {path}: {exc}") from exc
+
+
+def cmd_score(args) -> int:
+    import numpy as np
+    import torch
+
+    import ood_fast
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out: directory {out_dir} does not exist")
+    train_x, train_y, _ = _load(args.train, "train")
+    if train_y is None:
+        raise UserError(
+            f"--train {args.train}: no class labels found; the training file needs "
+            "labels (e.g. an .npz with arrays 'x' and 'y')"
+        )
+    test_x, _, test_is_ood = _load(args.test, "test")
+    cls = getattr(ood_fast, METHODS[args.method])
+    kwargs = {
+        "shrinkage": _shrinkage(args.shrinkage),
+        "backend": args.backend,
+        "precision": args.precision,
+    }
+    if args.covariance is not None:
+        kwargs["covariance"] = args.covariance
+    if args.backend in ("cuda", "triton") and torch.cuda.is_available():
+        train_x, test_x = train_x.to("cuda"), test_x.to("cuda")  # GPU backends take GPU tensors
+    with _threads(args.threads):
+        est = cls(**kwargs).fit(train_x, train_y)
+        scores = est.score(test_x)
+    scores = (
+        scores.detach().cpu().float().numpy()
+        if isinstance(scores, torch.Tensor)
+        else np.asarray(scores, dtype=np.float32)
+    )
+    np.save(args.out, scores)
+    n_train = len(train_y)
+    print(
+        f"{args.method}: fitted on {n_train:,} rows, {getattr(est, 'num_classes_', '?')} "
+        f"classes, D={test_x.shape[1]}; scored {len(scores):,} rows -> {args.out}"
+    )
+    if args.save:
+        est.save(args.save)
+        print(f"model saved to {args.save}")
+    if test_is_ood is not None:
+        from . import metrics
+
+        ood = torch.as_tensor(np.asarray(test_is_ood)).bool().numpy()
+        if ood.all() or not ood.any():
+            print("OOD labels hold a single class: AUROC/FPR95 undefined")
+        else:
+            m = metrics.evaluate(scores[~ood], scores[ood])
+            print(
+                f"AUROC {m['auroc']:.4f}  FPR95 {m['fpr95']:.4f}  "
+                f"AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}  "
+                f"({int((~ood).sum()):,} ID, {int(ood.sum()):,} OOD; OOD positive)"
+            )
+    return 0
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_num_threads()
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.old)
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    import ood_fast
+
+    from . import _backend, _extensions
+    from .bench import cpu_model, package_version, table
+
+    avail = _backend.availability()
+    print(f"ood_fast {ood_fast.__version__}  ({os.path.dirname(ood_fast.__file__)})")
+    print()
+    print("backends")
+    print(
+        table(
+            ["backend", "available", "why not"],
+            [
+                [b, "yes" if not why else "no", "; ".join(why) if why else "-"]
+                for b, why in avail.items()
+            ],
+            right=set(),
+        )
+    )
+    print()
+    feats = "-"
+    mod = _extensions.cpu_module()
+    if mod is not None and hasattr(mod, "cpu_features"):
+        try:
+            f = mod.cpu_features()
+            feats = " ".join(f"{k}={'yes' if v else 'no'}" for k, v in dict(f).items())
+        except Exception as exc:
+            feats = f"cpu_features() failed: {exc}"
+    elif mod is None:
+        feats = "unknown (ood_fast._C did not load)"
+    print(f"cpu          {cpu_model()} ({os.cpu_count()} logical CPUs)")
+    print(f"cpu features {feats}")
+    print(f"threads      torch {torch.get_num_threads()} (C++ kernels use the same count)")
+    if torch.cuda.is_available():
+        print(f"gpu          {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})")
+    print()
+    print("versions")
+    versions = [
+        ("python", sys.version.split()[0]),
+        ("torch", torch.__version__),
+        ("numpy", package_version("numpy")),
+        ("triton", package_version("triton")),
+        ("faiss", package_version("faiss-cpu", "faiss-gpu", "faiss")),
+        ("pytorch-ood", package_version("pytorch-ood")),
+        ("scikit-learn", package_version("scikit-learn")),
+        ("safetensors", package_version("safetensors")),
+    ]
+    print(
+        table(["package", "version"], [[k, v or "not installed"] for k, v in versions], right=set())
+    )
+    print()
+    print("registered ops")
+    ops = _backend.registered_ops()
+    print(
+        table(
+            ["op", "backends"],
+            [[op, ", ".join(bs)] for op, bs in ops.items()] or [["(none)", "-"]],
+            right=set(),
+        )
+    )
+    print()
+    print("environment")
+    names = list(ENV_VARS) + sorted(
+        k for k in os.environ if k.startswith("OOD_FAST_") and k not in ENV_VARS
+    )
+    print(
+        table(
+            ["variable", "value", "meaning"],
+            [
+                [k, os.environ.get(k, "(unset)"), ENV_VARS.get(k, "(not a known variable)")]
+                for k in names
+            ],
+            right=set(),
+        )
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ood-fast",
+        description="Compiled kernels for feature-space OOD detection: benchmark, score, inspect.",
+    )
+    p.add_argument("--traceback", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="{bench,score,info}")
+
+    b = sub.add_parser(
+        "bench",
+        help="fit and score with every backend and the installed peers",
+        description="Fit and score a synthetic workload with every available "
+        "backend and the installed peers; print times, speedups, accuracy.",
+    )
+    b.add_argument(
+        "--preset",
+        default=None,
+        help="workload: cifar10 (default; 50k×512 train, 10 classes, 10k test), "
+        "imagenet (1000 classes × 2048), quick",
+    )
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="a run of seconds: the quick preset and short time budgets",
+    )
+    b.add_argument("--covariance", default="tied", choices=("tied", "per_class", "diagonal"))
+    b.add_argument(
+        "--backends",
+        default=None,
+        help="comma list of cpu,triton,cuda,torch (default: every available one)",
+    )
+    b.add_argument(
+        "--peers",
+        default=None,
+        help="comma list of openood,pytorch_ood,torch,sklearn (default: all; '' none)",
+    )
+    b.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and BLAS pools (default: torch's)",
+    )
+    b.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up")
+    b.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds per candidate and phase (slow peers are sliced to fit)",
+    )
+    b.add_argument("--json", default=None, metavar="PATH", help="write rows and metadata here")
+    b.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU benchmark instead: triton and cuda vs cuBLAS, fp32 and bf16",
+    )
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser(
+        "score",
+        help="fit on your training features and score your test features",
+        description="Fit on labelled training features and score test features "
+        "(.npy/.npz/.pt/.safetensors); prints AUROC/FPR95 when the test file "
+        "carries OOD labels.",
+    )
+    s.add_argument("--train", required=True, help="training features with class labels")
+    s.add_argument("--test", required=True, help="test features (optionally with OOD labels)")
+    s.add_argument("--method", default="mahalanobis", choices=tuple(METHODS))
+    s.add_argument(
+        "--covariance",
+        default=None,
+        choices=("tied", "per_class", "diagonal"),
+        help="default: the method's (tied; per_class for gaussian)",
+    )
+    s.add_argument("--shrinkage", default=None, help="none, a number in [0, 1], ledoit_wolf or oas")
+    s.add_argument("--backend", default=None, choices=("cpu", "triton", "cuda", "torch"))
+    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--out", required=True, help="where to write the scores (.npy, float32)")
+    s.add_argument("--save", default=None, help="also save the fitted model (.safetensors)")
+    s.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("info", help="backends, CPU features, versions, ops, OOD_FAST_* variables")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ood-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"ood-fast {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return f"{msg} ({type(exc).__name__}; --traceback for details)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
