@@ -325,7 +325,9 @@ def test_every_kernel(D, kind, precision):
         obj = _make(plan, precision, isa)
         assert obj.isa == isa
         d2, _ = _raw(obj, u, C, 0)
-        torch.testing.assert_close(d2, want, atol=atol, rtol=0, msg=lambda m, isa=isa: f"{isa}: {m}")
+        torch.testing.assert_close(
+            d2, want, atol=atol, rtol=0, msg=lambda m, isa=isa: f"{isa}: {m}"
+        )
         v, i = _raw(obj, u, C, 1)
         torch.testing.assert_close(v, d2.min(dim=1).values, atol=0, rtol=0)
         lse, _ = _raw(obj, u, C, 2, bias=bias)
