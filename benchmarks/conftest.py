@@ -6,7 +6,7 @@
     python -m pytest benchmarks -q --benchmark-only --save-ratios NAME   # + benchmarks/results/NAME.json
 
 Each benchmark records in ``extra_info`` what it timed (candidate, kind, rows timed out of the
-test set, accuracy vs float64). At the end of the session the ratios of every peer's time to
+test set, accuracy vs float64; KNN benchmarks also the peak extra memory of a scoring call). At the end of the session the ratios of every peer's time to
 each of our candidates' times in the same group are printed (``pytest_terminal_summary``), with
 sliced peers scaled linearly to the full test set, and optionally saved as JSON.
 """
@@ -134,6 +134,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             o = by_name[(g, ours)]
             acc = o.get("max_rel_diff")
             acc_s = f", max rel diff {acc:.1e}" if isinstance(acc, float) else ""
+            if isinstance(o.get("max_abs_diff_f64"), float):  # KNN: scores are absolute
+                acc_s += f", max |Δ| vs float64 {o['max_abs_diff_f64']:.1e}"
             tr.write_line(f"  {ours} ({o['time_s']:.4g} s{acc_s})")
             for peer, v in vs.items():
                 p = by_name[(g, peer)]
@@ -155,6 +157,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 f"covariance rel Frobenius err vs float64 {r['cov_rel_fro_err']:.1e} "
                 f"(scale {r['cov_scale']:.6g})"
             )
+        if "peak_extra_mb" in r:
+            extras.append(f"peak extra memory while scoring {r['peak_extra_mb']:.0f} MB")
+        if "fit_peak_extra_mb" in r:
+            extras.append(f"while fitting {r['fit_peak_extra_mb']:.0f} MB")
         if extras:
             tr.write_line(f"{r['group']}: {r['candidate']}: {'; '.join(extras)}")
     name = config.getoption("--save-ratios")

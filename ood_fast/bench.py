@@ -19,6 +19,14 @@ torch and for every BLAS/OpenMP pool threadpoolctl finds, and recorded with the 
 library versions (``environment``). Absolute times on small machines drift; the speedup columns
 (peer time / our time, same run) are the figures to compare.
 
+``run_knn`` is the KNN workload (``ood-fast bench --workload knn``): a normalized feature bank
+(``KNNWorkload``; presets ``KNN_PRESETS``), our ``ood_fast.KNN`` on every backend that can run
+the ``knn``/``kth_distance`` ops (the others are listed with their reasons) with an fp32 and a
+bf16 bank, against faiss IndexFlatL2 (OpenOOD) / IndexFlatIP, torch mm+topk and sklearn brute
+force (pytorch-ood) from ``ood_fast.peers``; three cases (all queries at one k, a sweep over k,
+a batch of one query); speedups vs faiss and torch, GFLOP/s, max |Δscore| vs faiss and vs a
+float64 evaluation, AUROC/FPR95. See the section comment above ``KNN_OPS``.
+
 ``gpu_benchmark`` is the device check run by benchmarks/gpu_check.sh: the fused op on the
 ``triton`` and ``cuda`` backends against the best cuBLAS expression, fp32 and bf16, timed with
 CUDA events.
@@ -128,6 +136,7 @@ def environment() -> dict:
         "triton": package_version("triton"),
         "scikit-learn": package_version("scikit-learn"),
         "pytorch-ood": package_version("pytorch-ood"),
+        "faiss": package_version("faiss-cpu", "faiss-gpu", "faiss"),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -942,6 +951,725 @@ def _json_default(o):
     if isinstance(o, torch.Tensor):
         return o.tolist()
     return str(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# KNN workload (`ood-fast bench --workload knn`, benchmarks/test_bench_knn.py)
+# ---------------------------------------------------------------------------------------------
+#
+# Deep-nearest-neighbour scoring: a bank of L2-normalized training features, queries scored by
+# −(squared L2 to the k-th nearest bank row) (OpenOOD's convention; every peer is converted to
+# it by ood_fast.peers). Three cases, each its own table:
+#
+#   search   all queries, one k: ours on every backend that can run the "knn"/"kth_distance"
+#            ops × bank dtype (fp32; bf16 with the exact fp32 re-rank), faiss IndexFlatL2
+#            (OpenOOD), faiss IndexFlatIP, torch mm + topk (chunks of 2048), sklearn brute
+#            (pytorch-ood; sliced and scaled like the slow Mahalanobis peers)
+#   sweep    all queries, k ∈ ks: ours ``score_sweep`` (one pass) vs faiss IndexFlatL2 searched
+#            once per k (OpenOOD's hyperparameter sweep)
+#   batch1   one query, median over many calls: ours, faiss with 1 thread and with the pinned
+#            count, torch
+#
+# Each model is fitted once (fit timed) and used for every case, then freed before the next
+# one is fitted, so that at most one extra copy of the bank is alive (the ImageNet-scale bank
+# is 2.1 GB). Every score is compared with faiss IndexFlatL2's (max |Δscore|) and, on a slice
+# of the queries, with a float64 evaluation.
+
+KNN_OPS = ("knn", "kth_distance")
+KNN_PEERS = ("faiss_l2", "faiss_ip", "torch", "sklearn")
+KNN_PEER_LABELS = {
+    "faiss_l2": "faiss IndexFlatL2",
+    "faiss_ip": "faiss IndexFlatIP",
+    "torch": "torch mm+topk",
+    "sklearn": "sklearn brute",
+}
+KNN_CASES = ("search", "sweep", "batch1")
+KNN_SWEEP = (50, 100, 200, 500, 1000)
+KNN_BANK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KNN_PRESETS: dict[str, dict] = {
+    # seconds: smoke tests and `ood-fast bench --workload knn --quick`
+    "quick": dict(n_bank=5_000, n_test=1_000, dim=128, num_classes=10, k=50),
+    # the embedded default: a CIFAR-10/ResNet-18 bank (50k×512), 10k queries (half OOD)
+    "cifar10": dict(n_bank=50_000, n_test=10_000, dim=512, num_classes=10, k=50),
+    # ImageNet/ResNet-50 scale: a 256k×2048 bank (2.1 GB as float32: each candidate holds its
+    # own copy while it runs, so ~6 GB at the peak), 2k queries, OpenOOD's ImageNet k=1000
+    "imagenet": dict(n_bank=256_000, n_test=2_000, dim=2048, num_classes=1000, k=1000),
+}
+KNN_F64_CHECK_ROWS = 256  # queries of the float64 check
+
+
+@dataclass
+class KNNWorkload:
+    """A normalized feature bank (the train split of ``ood_fast.data.synthetic_features``,
+    L2-normalized with OpenOOD's ``x / (‖x‖ + 1e-10)``) and raw test queries, half OOD."""
+
+    name: str
+    n_bank: int
+    n_test: int
+    dim: int
+    num_classes: int = 10
+    k: int = 50
+    ks: tuple = KNN_SWEEP
+    seed: int = 0
+    ood_fraction: float = 0.5
+    _data: dict | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_preset(cls, preset: str = "cifar10", **overrides) -> KNNWorkload:
+        if preset not in KNN_PRESETS:
+            raise ValueError(
+                f"unknown KNN preset {preset!r}; expected one of {sorted(KNN_PRESETS)}"
+            )
+        spec = dict(KNN_PRESETS[preset])
+        spec.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(name=preset, **spec)
+
+    def __post_init__(self):
+        if self.k < 1 or self.k > self.n_bank:
+            raise ValueError(f"k={self.k} out of range: need 1 <= k <= bank size {self.n_bank}")
+        self.ks = tuple(int(k) for k in self.ks if 1 <= int(k) <= self.n_bank)
+
+    @property
+    def data(self) -> dict:
+        """dict(bank [M, D] f32 normalized, test_x [N, D] f32 raw, test_is_ood [N] bool)."""
+        if self._data is None:
+            from . import data
+
+            d = data.synthetic_features(
+                n_train=self.n_bank,
+                n_test=self.n_test,
+                dim=self.dim,
+                num_classes=self.num_classes,
+                ood_fraction=self.ood_fraction,
+                seed=self.seed,
+            )
+            bank = _tensor(d.pop("train_x"), torch.float32)
+            for s in range(0, bank.shape[0], 65536):  # in place: no second copy of the bank
+                b = bank[s : s + 65536]
+                b /= torch.linalg.vector_norm(b, dim=1, keepdim=True) + 1e-10
+            self._data = {
+                "bank": bank,
+                "test_x": _tensor(d["test_x"], torch.float32),
+                "test_is_ood": _tensor(d["test_is_ood"], torch.bool),
+            }
+        return self._data
+
+    @property
+    def bank_bytes(self) -> int:
+        return 4 * self.n_bank * self.dim
+
+    def flops(self, n_queries: int) -> float:
+        """The distance GEMM of one exact search: 2·N·M·D."""
+        return 2.0 * n_queries * self.n_bank * self.dim
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: bank {self.n_bank:,}×{self.dim} ({self.bank_bytes / 1e9:.2g} GB fp32), "
+            f"{self.n_test:,} queries, k={self.k}"
+        )
+
+    def meta(self) -> dict:
+        return {
+            "workload": "knn",
+            "name": self.name,
+            "n_bank": self.n_bank,
+            "n_test": self.n_test,
+            "dim": self.dim,
+            "num_classes": self.num_classes,
+            "k": self.k,
+            "ks": list(self.ks),
+            "seed": self.seed,
+            "bank_bytes": self.bank_bytes,
+        }
+
+
+def knn_reference(
+    bank: torch.Tensor, queries: torch.Tensor, ks, tile: int = 16384, normalize_bank: bool = True
+) -> np.ndarray:
+    """float64 ``[n, len(ks)]`` scores −‖q̂ − b̂_(k)‖² (OpenOOD's normalizer, float64 throughout),
+    streaming the bank in tiles of ``tile`` rows with a running top-max(ks). ``normalize_bank=
+    False`` takes the bank rows as given (e.g. already normalized and rounded to bf16)."""
+    ks = list(ks)
+    kmax = max(ks)
+    q = queries.to(torch.float64)
+    q = q / (torch.linalg.vector_norm(q, dim=1, keepdim=True) + 1e-10)
+    qsq = q.square().sum(1, keepdim=True)
+    best = None
+    for s in range(0, bank.shape[0], tile):
+        b = bank[s : s + tile].to(torch.float64)
+        if normalize_bank:
+            b = b / (torch.linalg.vector_norm(b, dim=1, keepdim=True) + 1e-10)
+        d = (qsq + b.square().sum(1)[None, :]).sub_(q @ b.T, alpha=2.0).clamp_(min=0.0)
+        if best is not None:
+            d = torch.cat([best, d], dim=1)
+        best = d.topk(min(kmax, d.shape[1]), dim=1, largest=False, sorted=True).values
+    return (-best[:, [k - 1 for k in ks]]).numpy()
+
+
+@dataclass
+class KNNCandidate:
+    """One row of the KNN benchmark: ``fit(bank) -> model`` (shared by every candidate with the
+    same ``fit_key``), ``score(model, queries)`` -> ``[N]`` (``[N, len(ks)]`` for the sweep)."""
+
+    name: str
+    kind: str  # "ours" or "peer"
+    case: str  # "search", "sweep" or "batch1"
+    fit_key: str
+    fit: Callable[[Any], Any]
+    score: Callable[[Any, Any], Any]
+    backend: str | None = None
+    precision: str = "fp32"  # bank dtype of ours
+    peer: str | None = None
+    threads: int | None = None
+    sliced: bool = False
+    min_rows: int = 64
+    device: str = "cpu"
+
+    def info(self) -> dict:
+        return {
+            "candidate": self.name,
+            "kind": self.kind,
+            "case": self.case,
+            "backend": self.backend,
+            "precision": self.precision,
+            "peer": self.peer,
+            "threads": self.threads,
+            "device": self.device,
+        }
+
+
+def available_knn_backends() -> dict[str, list[str]]:
+    """Backend -> reasons it cannot run the KNN ops (``knn`` and ``kth_distance``) here (empty:
+    it can). Asks the registry with a tiny probe on the backend's device, so a build without the
+    kernel ("this build of ood_fast._C has no 'knn' kernel") is listed with that reason."""
+    from . import _backend, ops  # noqa: F401  (registers the ops' implementations)
+
+    out = {}
+    registered = _backend.registered_ops()
+    for b, why in _backend.availability().items():
+        why = list(why)
+        for op in KNN_OPS:
+            if b not in registered.get(op, ()):
+                why.append(f"no {b!r} implementation of {op!r} is registered")
+        if b == "triton" and not torch.cuda.is_available() and not why:
+            why.append("only the Triton CPU interpreter is on (a test tool, not timed)")
+        if not why:
+            dev = _device_for(b)
+            q, bank = torch.zeros(2, 8, device=dev), torch.ones(4, 8, device=dev)
+            for op, arg in (("knn", 1), ("kth_distance", [1])):
+                try:
+                    r = _backend.reasons(op, b, q, bank, arg, "l2", True)
+                except Exception as exc:  # a broken check is a reason too
+                    r = [f"{op}: availability check failed ({type(exc).__name__}: {exc})"]
+                why.extend(x for x in r if x not in why)
+        out[b] = why
+    return out
+
+
+def _knn_ours(backend: str, precision: str, k: int, ks, case: str) -> KNNCandidate:
+    dtype = KNN_BANK_DTYPES[precision]
+
+    def fit(bank):
+        import ood_fast
+
+        return ood_fast.KNN(k=k, backend=backend, bank_dtype=dtype).fit(bank)
+
+    if case == "sweep":
+        name = f"ours {backend} {precision} score_sweep"
+        score = lambda m, x: m.score_sweep(x, list(ks))  # noqa: E731
+    else:
+        name = f"ours {backend} {precision}" + (" bank" if precision != "fp32" else "")
+        score = lambda m, x: m.score(x)  # noqa: E731
+    return KNNCandidate(
+        name=name,
+        kind="ours",
+        case=case,
+        fit_key=f"ours:{backend}:{precision}",
+        fit=fit,
+        score=score,
+        backend=backend,
+        precision=precision,
+        device=_device_for(backend),
+    )
+
+
+def _knn_peer(name: str, k: int, ks, case: str, threads: int | None = None) -> KNNCandidate | str:
+    """The KNN peer ``name`` for ``case`` as a candidate, or the reason it cannot run here."""
+    if name not in KNN_PEERS:
+        raise ValueError(f"unknown KNN peer {name!r}; expected one of {KNN_PEERS}")
+    from . import peers as P
+
+    label = KNN_PEER_LABELS[name]
+    if name.startswith("faiss"):
+        ok = P.faiss_available()
+        if ok is not True:
+            return str(ok)
+        metric = name.split("_")[1]
+        fit = P.faiss_l2_fit if metric == "l2" else P.faiss_ip_fit
+        one = P.faiss_l2_score if metric == "l2" else P.faiss_ip_score
+        if case == "sweep":
+            return KNNCandidate(
+                name=f"{label} ×{len(ks)} searches",
+                kind="peer",
+                case=case,
+                fit_key=f"peer:{name}",
+                fit=fit,
+                score=lambda m, x: P.faiss_l2_sweep(m, x, list(ks)),
+                peer=name,
+            )
+        t = threads
+        return KNNCandidate(
+            name=label + (f" ({t} thread{'s' if t != 1 else ''})" if t else ""),
+            kind="peer",
+            case=case,
+            fit_key=f"peer:{name}",
+            fit=fit,
+            score=lambda m, x: one(m, x, k, threads=t),
+            peer=name,
+            threads=t,
+        )
+    if name == "torch":
+        return KNNCandidate(
+            name=label,
+            kind="peer",
+            case=case,
+            fit_key="peer:torch",
+            fit=P.torch_knn_fit,
+            score=lambda m, x: P.torch_knn_score(m, x, k),
+            peer=name,
+        )
+    try:
+        import sklearn  # noqa: F401
+    except Exception as exc:
+        return f"scikit-learn does not import ({type(exc).__name__}: {exc})"
+    return KNNCandidate(
+        name=label,
+        kind="peer",
+        case=case,
+        fit_key="peer:sklearn",
+        fit=P.sklearn_knn_fit,
+        score=lambda m, x: P.sklearn_knn_score(m, x, k),
+        peer=name,
+        sliced=True,
+    )
+
+
+def knn_candidates(
+    wl: KNNWorkload,
+    backends: Sequence[str] | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    peers: Sequence[str] = KNN_PEERS,
+    cases: Sequence[str] = KNN_CASES,
+) -> tuple[list[KNNCandidate], list[tuple[str, str]]]:
+    """Every candidate of the requested cases, and [(name, why it does not run)]."""
+    avail = available_knn_backends()
+    bad = [c for c in cases if c not in KNN_CASES]
+    if bad:
+        raise ValueError(f"unknown KNN cases {bad}; expected some of {KNN_CASES}")
+    for p in precisions:
+        if p not in KNN_BANK_DTYPES:
+            raise ValueError(f"unknown precision {p!r}; expected one of {tuple(KNN_BANK_DTYPES)}")
+    ok_backends, skipped = [], []
+    for b in backends if backends is not None else list(avail):
+        if b not in avail:
+            raise ValueError(f"unknown backend {b!r}; expected one of {tuple(avail)}")
+        if avail[b]:
+            skipped.append((f"ours {b}", "; ".join(avail[b])))
+        else:
+            ok_backends.append(b)
+    peer_why = {}
+    for p in peers:
+        c = _knn_peer(p, wl.k, wl.ks, "search")
+        if isinstance(c, str):
+            peer_why[p] = c
+            skipped.append((KNN_PEER_LABELS[p], c))
+    usable = [p for p in peers if p not in peer_why]
+    threads = max(1, torch.get_num_threads())
+    out: list[KNNCandidate] = []
+    if "search" in cases:
+        out += [_knn_ours(b, p, wl.k, wl.ks, "search") for b in ok_backends for p in precisions]
+        out += [_knn_peer(p, wl.k, wl.ks, "search") for p in usable]
+    if "sweep" in cases:
+        if len(wl.ks) < 2:
+            skipped.append(("sweep", f"needs >= 2 values of k <= bank size {wl.n_bank}"))
+        else:
+            out += [_knn_ours(b, "fp32", wl.k, wl.ks, "sweep") for b in ok_backends]
+            if "faiss_l2" in usable:
+                out.append(_knn_peer("faiss_l2", wl.k, wl.ks, "sweep"))
+    if "batch1" in cases:
+        out += [_knn_ours(b, p, wl.k, wl.ks, "batch1") for b in ok_backends for p in precisions]
+        if "faiss_l2" in usable:
+            for t in sorted({1, threads}):
+                out.append(_knn_peer("faiss_l2", wl.k, wl.ks, "batch1", threads=t))
+        if "torch" in usable:
+            out.append(_knn_peer("torch", wl.k, wl.ks, "batch1"))
+    return out, skipped
+
+
+def _time_scoring(cand, model, x, *, repeats: int, budget: float, dev: str):
+    """(Timing, scores, row indices timed or None): time ``cand.score(model, x)``; a sliced
+    candidate is probed on ``min_rows`` rows and timed on a slice sized to the budget."""
+    N = x.shape[0]
+    rows_idx = None
+    if cand.sliced:
+        probe = slice_rows(N, cand.min_rows)
+        px = x[probe.to(dev)]
+        _sync(dev)
+        t0 = time.perf_counter()
+        cand.score(model, px)
+        _sync(dev)
+        per_row = max(time.perf_counter() - t0, 1e-9) / len(probe)
+        runs = max(1, min(repeats, 3)) + 1
+        n = int(budget / runs / per_row)
+        n = max(len(probe), (n // cand.min_rows) * cand.min_rows)
+        if n < N:
+            rows_idx = slice_rows(N, n)
+    xt = x if rows_idx is None else x[rows_idx.to(dev)]
+    t, scores = time_call(lambda: cand.score(model, xt), repeats=repeats, budget=budget, device=dev)
+    return t, scores, rows_idx
+
+
+def run_knn_candidate(
+    cand: KNNCandidate,
+    model,
+    wl: KNNWorkload,
+    *,
+    repeats: int = 5,
+    budget: float = 5.0,
+    batch1_repeats: int = 200,
+) -> tuple[dict, np.ndarray | None, torch.Tensor | None]:
+    """Score and time one candidate with a fitted model: (row, float64 scores, rows timed)."""
+    row = cand.info()
+    d = wl.data
+    dev = cand.device
+    try:
+        x = d["test_x"].to(dev)
+        if cand.case == "batch1":
+            x = x[:1]
+            t, scores, idx = _time_scoring(
+                cand, model, x, repeats=batch1_repeats, budget=budget, dev=dev
+            )
+        else:
+            t, scores, idx = _time_scoring(cand, model, x, repeats=repeats, budget=budget, dev=dev)
+        n_rows = x.shape[0] if idx is None else len(idx)
+        scale = x.shape[0] / n_rows
+        row["score_s"] = t.median * scale
+        row["score_min_s"] = t.min * scale
+        row["score_timing"] = t.as_dict()
+        row["queries"] = int(x.shape[0])
+        row["scored_rows"] = n_rows
+        row["scaled_from_rows"] = n_rows if idx is not None else None
+        row["gflops"] = wl.flops(x.shape[0]) / row["score_s"] / 1e9
+        row["bank_gbps"] = wl.bank_bytes / row["score_s"] / 1e9 if cand.case == "batch1" else None
+        s = _numpy64(scores)
+        want = (n_rows, len(wl.ks)) if cand.case == "sweep" else (n_rows,)
+        if s.shape != want:
+            raise ValueError(f"score returned shape {s.shape}, expected {want}")
+        if not np.all(np.isfinite(s)):
+            raise ValueError("non-finite scores")
+        if cand.case != "batch1":
+            is_ood = d["test_is_ood"] if idx is None else d["test_is_ood"][idx]
+            if cand.case == "sweep":
+                per_k = [ood_metrics(s[:, j], is_ood) for j in range(s.shape[1])]
+                j = int(np.nanargmax([m["auroc"] for m in per_k]))
+                row["auroc_per_k"] = {int(k): m["auroc"] for k, m in zip(wl.ks, per_k, strict=True)}
+                row["best_k"] = int(wl.ks[j])
+                row.update(per_k[j])
+            else:
+                row.update(ood_metrics(s, is_ood))
+        row["status"] = "ok"
+        return row, s, idx
+    except Exception as exc:  # a failing candidate is a row with its error, not a dead run
+        row["status"] = "error"
+        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        return row, None, None
+
+
+def _knn_checks(rows, scores, wl: KNNWorkload) -> None:
+    """max |Δscore| vs faiss IndexFlatL2 (per case, on the rows both scored) and vs a float64
+    evaluation on up to KNN_F64_CHECK_ROWS evenly spaced queries (and on the single query of the
+    batch-of-1 case). A reduced-precision bank is checked against the float64 search over the
+    bank as ``ood_fast.KNN`` stores it (normalized in float32, then rounded): its "exact" mode
+    promises the float32 search over those values, and the gap to faiss is the rounding."""
+    d = wl.data
+    f64_idx = slice_rows(wl.n_test, KNN_F64_CHECK_ROWS)
+    ks_all = sorted(set(wl.ks) | {wl.k})
+    refs: dict[str, dict] = {}
+
+    def ref_for(precision: str) -> dict:
+        if precision not in refs:
+            from .detectors.knn import openood_normalize
+
+            dt = KNN_BANK_DTYPES.get(precision, torch.float32)
+            if dt == torch.float32:
+                bank, norm = d["bank"], True
+            else:  # as KNN stores it: normalized in float32, rounded; chunked to bound memory
+                bank = torch.cat(
+                    [
+                        openood_normalize(d["bank"][s : s + 65536]).to(dt)
+                        for s in range(0, d["bank"].shape[0], 65536)
+                    ]
+                )
+                norm = False
+            a = knn_reference(bank, d["test_x"][f64_idx], ks_all, normalize_bank=norm)
+            col = {k: j for j, k in enumerate(ks_all)}
+            refs[precision] = {
+                "search": a[:, col[wl.k]],
+                "sweep": a[:, [col[k] for k in wl.ks]],
+                "batch1": knn_reference(bank, d["test_x"][:1], [wl.k], normalize_bank=norm)[:, 0],
+            }
+        return refs[precision]
+
+    pos = {int(v): j for j, v in enumerate(f64_idx.tolist())}
+    for case in KNN_CASES:
+        in_case = [r for r in rows if r["case"] == case]
+        base = next(
+            (
+                r
+                for r in in_case
+                if r.get("peer") == "faiss_l2"
+                and r.get("status") == "ok"
+                and (case != "batch1" or r.get("threads") == 1)
+            ),
+            None,
+        )
+        for r in in_case:
+            r["diff_reference"] = base["candidate"] if base is not None else None
+            if r.get("status") != "ok":
+                continue
+            s, idx = scores[id(r)]
+            if base is not None:
+                bs, bidx = scores[id(base)]
+                if idx is None and bidx is None:
+                    r["max_abs_diff_faiss"] = float(np.abs(s - bs).max())
+                elif bidx is None:  # this row is a slice; faiss scored everything
+                    r["max_abs_diff_faiss"] = float(np.abs(s - bs[idx.numpy()]).max())
+            ref = ref_for(r["precision"] if r["kind"] == "ours" else "fp32")[case]
+            if case == "batch1":
+                r["max_abs_diff_f64"] = float(np.abs(s - ref).max())
+            elif idx is None:
+                r["max_abs_diff_f64"] = float(np.abs(s[f64_idx.numpy()] - ref).max())
+            else:  # a sliced peer: on the rows it scored that the check has
+                common = [(i, pos[int(v)]) for i, v in enumerate(idx.tolist()) if int(v) in pos]
+                if common:
+                    a, b = zip(*common, strict=True)
+                    r["max_abs_diff_f64"] = float(np.abs(s[list(a)] - ref[list(b)]).max())
+            r["f64_reference"] = (
+                "float64 search over the stored (rounded) bank"
+                if r["kind"] == "ours" and r["precision"] != "fp32"
+                else "float64 search"
+            )
+
+
+def add_knn_speedups(rows: list[dict]) -> None:
+    """Per case: speedup["faiss"] = faiss IndexFlatL2's time / this row's (batch1: faiss's best
+    latency over its thread counts), speedup["torch"] = torch mm+topk's time / this row's."""
+    for case in KNN_CASES:
+        rs = [r for r in rows if r["case"] == case and r.get("status") == "ok"]
+        faiss_t = [r["score_s"] for r in rs if r.get("peer") == "faiss_l2"]
+        torch_t = [r["score_s"] for r in rs if r.get("peer") == "torch"]
+        for r in rs:
+            sp = {}
+            if faiss_t:
+                sp["faiss"] = min(faiss_t) / r["score_s"]
+            if torch_t:
+                sp["torch"] = min(torch_t) / r["score_s"]
+            r["speedup"] = sp
+
+
+def run_knn(
+    preset: str = "cifar10",
+    *,
+    backends: Sequence[str] | None = None,
+    precisions: Sequence[str] = PRECISIONS,
+    peers: Sequence[str] = KNN_PEERS,
+    cases: Sequence[str] = KNN_CASES,
+    threads: int | None = None,
+    repeats: int = 5,
+    budget: float = 5.0,
+    batch1_repeats: int = 200,
+    k: int | None = None,
+    progress: bool = True,
+    workload: KNNWorkload | None = None,
+) -> dict:
+    """The KNN benchmark: returns dict(meta, rows, skipped, table) (see the section comment)."""
+    import gc
+
+    from tqdm import tqdm
+
+    wl = workload or KNNWorkload.from_preset(preset, k=k)
+    load_before = _loadavg()
+    with pinned_threads(threads):
+        cands, skipped = knn_candidates(wl, backends, precisions, peers, cases)
+        groups: dict[str, list[KNNCandidate]] = {}
+        for c in cands:
+            groups.setdefault(c.fit_key, []).append(c)
+        bar = tqdm(
+            total=len(cands) + 2,
+            file=sys.stderr,
+            disable=not progress,
+            desc="ood-fast bench knn",
+            unit="step",
+            leave=False,
+        )
+        bar.set_postfix_str(f"generating {wl.name} bank")
+        d = wl.data
+        bar.update()
+        rows: list[dict] = []
+        scores: dict[int, tuple] = {}
+        fits: dict[str, dict] = {}
+        for key, group in groups.items():
+            first = group[0]
+            dev = first.device
+            bar.set_postfix_str(f"fit {first.name}")
+            model, fit_row = None, {}
+            try:
+                bank = d["bank"].to(dev)
+                fit_t, model = time_call(
+                    lambda first=first, bank=bank: first.fit(bank),
+                    repeats=min(repeats, 3),
+                    budget=budget,
+                    device=dev,
+                )
+                fit_row = {"fit_s": fit_t.median, "fit_timing": fit_t.as_dict()}
+                del bank
+            except Exception as exc:
+                fit_row = {"fit_error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+            fits[key] = fit_row
+            for c in group:
+                bar.set_postfix_str(c.name)
+                if model is None:
+                    row = {**c.info(), "status": "error", "error": f"fit: {fit_row['fit_error']}"}
+                    s = idx = None
+                else:
+                    row, s, idx = run_knn_candidate(
+                        c,
+                        model,
+                        wl,
+                        repeats=repeats,
+                        budget=budget,
+                        batch1_repeats=batch1_repeats,
+                    )
+                    row.update(fit_row)
+                rows.append(row)
+                if s is not None:
+                    scores[id(row)] = (s, idx)
+                bar.update()
+            del model
+            gc.collect()
+        bar.set_postfix_str("float64 check")
+        order = {c: i for i, c in enumerate(KNN_CASES)}
+        rows.sort(key=lambda r: order[r["case"]])  # stable: candidate order within a case
+        _knn_checks(rows, scores, wl)
+        bar.update()
+        bar.close()
+        add_knn_speedups(rows)
+        meta = {
+            "workload": wl.meta(),
+            "environment": environment(),
+            "repeats": repeats,
+            "batch1_repeats": batch1_repeats,
+            "budget_s": budget,
+            "loadavg_before": load_before,
+        }
+    result = {"meta": meta, "rows": rows, "skipped": [list(s) for s in skipped]}
+    result["table"] = render_knn(result)
+    return result
+
+
+def render_knn(result: dict) -> str:
+    """The KNN tables: one per case (search, sweep, batch of 1), notes underneath."""
+    rows, meta = result["rows"], result["meta"]
+    wl, env = meta["workload"], meta["environment"]
+    out = [
+        f"ood-fast bench — knn {wl['name']}: bank {wl['n_bank']:,}×{wl['dim']} "
+        f"({wl['bank_bytes'] / 1e9:.2g} GB fp32, L2-normalized), {wl['n_test']:,} queries "
+        f"(half OOD), k={wl['k']}",
+        f"{env['cpu_model']}, {env['threads']} threads, torch {env['torch']}"
+        + (f", faiss {env['faiss']}" if env.get("faiss") else "")
+        + (f", {env['gpu']}" if env.get("gpu") else ""),
+    ]
+    notes: list[str] = []
+    titles = {
+        "search": f"search: {wl['n_test']:,} queries, k={wl['k']}",
+        "sweep": f"sweep: k ∈ {{{', '.join(map(str, wl['ks']))}}} ({wl['n_test']:,} queries)",
+        "batch1": "batch of 1 query (median over many calls)",
+    }
+    for case in KNN_CASES:
+        rs = [r for r in rows if r["case"] == case]
+        if not rs:
+            continue
+        b1 = case == "batch1"
+        ref = next((r.get("diff_reference") for r in rs if r.get("diff_reference")), None)
+        headers = [
+            "candidate",
+            "fit s",
+            "score ms" if b1 else "score s",
+            "GB/s" if b1 else "GFLOP/s",
+            "vs faiss",
+            "vs torch",
+            "max |Δ| faiss",
+            "max |Δ| f64",
+        ]
+        if not b1:
+            headers += ["AUROC", "FPR95"]
+        if case == "sweep":
+            headers.append("best k")
+        body = []
+        for r in rs:
+            name = r["candidate"]
+            if r.get("status") != "ok":
+                notes.append(f"{name} ({case}): failed: {r.get('error')}")
+                body.append([name, "failed", *["-"] * (len(headers) - 2)])
+                continue
+            score = f"{r['score_s'] * 1e3:.3g}" if b1 else fmt_s(r["score_s"])
+            if r.get("scaled_from_rows"):
+                mark = "*" * (1 + sum(1 for n in notes if n.startswith("*")))
+                score += mark
+                notes.append(
+                    f"{mark} {name}: score time scaled from {r['scaled_from_rows']:,} of "
+                    f"{r['queries']:,} queries (its AUROC/FPR95 on those)"
+                )
+            sp = r.get("speedup", {})
+            cells = [
+                name,
+                fmt_s(r.get("fit_s")),
+                score,
+                f"{r['bank_gbps']:.1f}" if b1 else f"{r['gflops']:.1f}",
+                _fmt_x(sp.get("faiss")),
+                _fmt_x(sp.get("torch")),
+                _fmt_e(r.get("max_abs_diff_faiss")),
+                _fmt_e(r.get("max_abs_diff_f64")),
+            ]
+            if not b1:
+                cells += [_fmt_f(r.get("auroc")), _fmt_f(r.get("fpr95"))]
+            if case == "sweep":
+                cells.append(str(r.get("best_k", "-")))
+            body.append(cells)
+        out += ["", titles[case], table(headers, body)]
+        if ref is None:
+            notes.append(f"{case}: no faiss IndexFlatL2 row: max |Δ| faiss not computed")
+    out += [
+        "",
+        "score: median time; vs faiss / vs torch: that peer's time / this row's (same run; "
+        "batch of 1: faiss's best thread count); GFLOP/s: 2·N·M·D / time (sweep: one search's "
+        "flops); GB/s: bank bytes / time; max |Δ| faiss: vs faiss IndexFlatL2's scores "
+        "(batch of 1: its 1-thread row); max |Δ| f64: vs a float64 evaluation on "
+        f"{KNN_F64_CHECK_ROWS} queries (bf16 bank: over the bank as stored, rounded to bf16 — "
+        "exact re-ranking makes it equal the fp32 search over those values, so its |Δ| faiss is "
+        "the bank's rounding); scores are −squared L2 to the k-th neighbour (OpenOOD), "
+        "AUROC/FPR95 with OOD positive (sweep: at its best k).",
+        *notes,
+    ]
+    load = meta.get("loadavg_before")
+    if load is not None and load > 1.0:
+        out.append(
+            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
+            "other processes were using the CPU; times are noisy (ratios less so)"
+        )
+    for name, why in result.get("skipped", []):
+        out.append(f"not run: {name}: {why}")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------------

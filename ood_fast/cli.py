@@ -1,10 +1,12 @@
 """The ``ood-fast`` command line (also ``python -m ood_fast``).
 
-    ood-fast bench [--preset cifar10|imagenet|quick] [--quick] [--covariance tied|per_class|diagonal]
-                   [--backends cpu,torch,...] [--peers openood,pytorch_ood,torch,sklearn]
-                   [--precisions fp32,bf16] [--threads N] [--json PATH] [--gpu]
-    ood-fast score --train train.npz --test test.npz --method mahalanobis|relative_mahalanobis|gaussian
-                   [--covariance ...] [--shrinkage ...] [--backend ...] --out scores.npy
+    ood-fast bench [--workload mahalanobis|knn] [--preset cifar10|imagenet|quick] [--quick]
+                   [--covariance tied|per_class|diagonal] [--backends cpu,torch,...]
+                   [--peers openood,pytorch_ood,torch,sklearn | faiss_l2,faiss_ip,torch,sklearn]
+                   [--precisions fp32,bf16] [--k K] [--threads N] [--json PATH] [--gpu]
+    ood-fast score --train train.npz --test test.npz
+                   --method mahalanobis|relative_mahalanobis|gaussian|knn
+                   [--covariance ...] [--shrinkage ...] [--k K] [--backend ...] --out scores.npy
                    [--save model.safetensors]
     ood-fast info
 
@@ -23,6 +25,7 @@ METHODS = {
     "mahalanobis": "Mahalanobis",
     "relative_mahalanobis": "RelativeMahalanobis",
     "gaussian": "GaussianLikelihood",
+    "knn": "KNN",  # deep nearest neighbours: needs no class labels
 }
 ENV_VARS = {
     "OOD_FAST_BACKEND": "default backend for every op (cpu, triton, cuda, torch); unset: automatic",
@@ -53,6 +56,10 @@ def _csv(value: str, allowed, what: str) -> list[str]:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.workload == "knn":
+        return _bench_knn(args)
+    if args.k is not None:
+        raise UserError("--k applies to --workload knn only")
     if args.gpu:
         res = bench.gpu_benchmark(args.json, progress=not args.no_progress)
         print(res["table"])
@@ -84,6 +91,58 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         repeats=repeats,
         budget=budget,
+        progress=not args.no_progress,
+    )
+    print(res["table"])
+    if args.json:
+        bench.write_json(res, args.json)
+        print(f"\nwrote {args.json}")
+    ok = [r for r in res["rows"] if r["kind"] == "ours" and r.get("status") == "ok"]
+    return 0 if ok else 1
+
+
+def _bench_knn(args) -> int:
+    from . import _backend, bench
+
+    if args.gpu:
+        raise UserError(
+            "--gpu runs the Mahalanobis GPU benchmark only; for KNN on a GPU pass "
+            "--workload knn --backends cuda,triton,torch on a CUDA machine"
+        )
+    if args.covariance != "tied":
+        raise UserError("--covariance applies to --workload mahalanobis only")
+    preset = args.preset or ("quick" if args.quick else "cifar10")
+    if preset not in bench.KNN_PRESETS:
+        raise UserError(
+            f"--preset: unknown {preset!r} for --workload knn; expected one of "
+            f"{', '.join(sorted(bench.KNN_PRESETS))}"
+        )
+    backends = _csv(args.backends, _backend.BACKENDS, "backends") if args.backends else None
+    peers = (
+        _csv(args.peers, bench.KNN_PEERS, "peers") if args.peers is not None else bench.KNN_PEERS
+    )
+    precisions = _csv(args.precisions, tuple(bench.KNN_BANK_DTYPES), "precisions")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    spec = bench.KNN_PRESETS[preset]
+    if args.k is not None and not 1 <= args.k <= spec["n_bank"]:
+        raise UserError(f"--k: need 1 <= k <= the bank size {spec['n_bank']:,}, got {args.k}")
+    if preset == "imagenet" and not args.no_progress:
+        print(
+            "knn imagenet: a 256,000×2048 float32 bank (2.1 GB); each candidate holds its own "
+            "copy while it runs (~6 GB at the peak); minutes on 2 cores",
+            file=sys.stderr,
+        )
+    res = bench.run_knn(
+        preset,
+        backends=backends,
+        precisions=precisions,
+        peers=peers,
+        threads=args.threads,
+        repeats=repeats,
+        budget=budget,
+        batch1_repeats=50 if args.quick else 200,
+        k=args.k,
         progress=not args.no_progress,
     )
     print(res["table"])
@@ -143,6 +202,10 @@ def cmd_score(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"--out: directory {out_dir} does not exist")
+    if args.method == "knn":
+        return _score_knn(args)
+    if args.k is not None:
+        raise UserError("--k applies to --method knn only")
     train_x, train_y, _ = _load(args.train, "train")
     if train_y is None:
         raise UserError(
@@ -177,19 +240,66 @@ def cmd_score(args) -> int:
     if args.save:
         est.save(args.save)
         print(f"model saved to {args.save}")
-    if test_is_ood is not None:
-        from . import metrics
+    _print_metrics(scores, test_is_ood)
+    return 0
 
-        ood = torch.as_tensor(np.asarray(test_is_ood)).bool().numpy()
-        if ood.all() or not ood.any():
-            print("OOD labels hold a single class: AUROC/FPR95 undefined")
-        else:
-            m = metrics.evaluate(scores[~ood], scores[ood])
-            print(
-                f"AUROC {m['auroc']:.4f}  FPR95 {m['fpr95']:.4f}  "
-                f"AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}  "
-                f"({int((~ood).sum()):,} ID, {int(ood.sum()):,} OOD; OOD positive)"
-            )
+
+def _print_metrics(scores, test_is_ood) -> None:
+    if test_is_ood is None:
+        return
+    import numpy as np
+    import torch
+
+    from . import metrics
+
+    ood = torch.as_tensor(np.asarray(test_is_ood)).bool().numpy()
+    if ood.all() or not ood.any():
+        print("OOD labels hold a single class: AUROC/FPR95 undefined")
+    else:
+        m = metrics.evaluate(scores[~ood], scores[ood])
+        print(
+            f"AUROC {m['auroc']:.4f}  FPR95 {m['fpr95']:.4f}  "
+            f"AUPR-In {m['aupr_in']:.4f}  AUPR-Out {m['aupr_out']:.4f}  "
+            f"({int((~ood).sum()):,} ID, {int(ood.sum()):,} OOD; OOD positive)"
+        )
+
+
+def _score_knn(args) -> int:
+    """``--method knn``: ``ood_fast.KNN(k)`` with the training features as the bank (labels, if
+    the file has them, are not used); scores −‖q̂ − b̂_(k)‖² (OpenOOD), higher = ID."""
+    import numpy as np
+    import torch
+
+    import ood_fast
+
+    if args.covariance is not None or args.shrinkage is not None:
+        raise UserError("--covariance and --shrinkage apply to the Mahalanobis methods, not knn")
+    k = 50 if args.k is None else args.k
+    if k < 1:
+        raise UserError(f"--k: must be >= 1, got {k}")
+    train_x, _, _ = _load(args.train, "train")
+    test_x, _, test_is_ood = _load(args.test, "test")
+    if k > train_x.shape[0]:
+        raise UserError(
+            f"--k {k} exceeds the bank: --train {args.train} has {train_x.shape[0]:,} rows"
+        )
+    if args.backend in ("cuda", "triton") and torch.cuda.is_available():
+        train_x, test_x = train_x.to("cuda"), test_x.to("cuda")
+    bank_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    with _threads(args.threads):
+        est = ood_fast.KNN(k=k, backend=args.backend, bank_dtype=bank_dtype).fit(train_x)
+        scores = est.score(test_x)
+    scores = scores.detach().cpu().float().numpy()
+    np.save(args.out, scores)
+    print(
+        f"knn (k={k}): bank of {est.n_samples_:,} rows, D={est.n_features_in_}"
+        f"{', bf16 bank (exact re-rank)' if bank_dtype is not None else ''}; "
+        f"scored {len(scores):,} rows -> {args.out}"
+    )
+    if args.save:
+        est.save(args.save)
+        print(f"model saved to {args.save}")
+    _print_metrics(scores, test_is_ood)
     return 0
 
 
@@ -316,10 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
         "backend and the installed peers; print times, speedups, accuracy.",
     )
     b.add_argument(
+        "--workload",
+        default="mahalanobis",
+        choices=("mahalanobis", "knn"),
+        help="mahalanobis (default): class-conditional Gaussian scoring; knn: k-th nearest "
+        "neighbour distance to a normalized feature bank vs faiss, torch and sklearn",
+    )
+    b.add_argument(
         "--preset",
         default=None,
-        help="workload: cifar10 (default; 50k×512 train, 10 classes, 10k test), "
-        "imagenet (1000 classes × 2048), quick",
+        help="mahalanobis: cifar10 (default; 50k×512 train, 10 classes, 10k test), "
+        "imagenet (1000 classes × 2048), quick. knn: cifar10 (default; 50k×512 bank, 10k "
+        "queries, k=50), imagenet (256k×2048 bank, 2k queries, k=1000; the bank alone needs "
+        "~2 GB, ~6 GB at the peak), quick",
     )
     b.add_argument(
         "--quick",
@@ -335,9 +454,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--peers",
         default=None,
-        help="comma list of openood,pytorch_ood,torch,sklearn (default: all; '' none)",
+        help="comma list of openood,pytorch_ood,torch,sklearn; with --workload knn of "
+        "faiss_l2,faiss_ip,torch,sklearn (default: all; '' none)",
     )
-    b.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32,bf16")
+    b.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="comma list of fp32,bf16 (knn: the bank's storage; bf16 re-ranks exactly in fp32)",
+    )
+    b.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="knn: the neighbour whose distance scores (default: the preset's, 50 or 1000)",
+    )
     b.add_argument(
         "--threads",
         type=int,
@@ -363,11 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "score",
         help="fit on your training features and score your test features",
-        description="Fit on labelled training features and score test features "
-        "(.npy/.npz/.pt/.safetensors); prints AUROC/FPR95 when the test file "
-        "carries OOD labels.",
+        description="Fit on labelled training features (knn: any training features, used as "
+        "the bank) and score test features (.npy/.npz/.pt/.safetensors); prints AUROC/FPR95 "
+        "when the test file carries OOD labels.",
     )
-    s.add_argument("--train", required=True, help="training features with class labels")
+    s.add_argument(
+        "--train",
+        required=True,
+        help="training features with class labels (knn: labels not needed)",
+    )
     s.add_argument("--test", required=True, help="test features (optionally with OOD labels)")
     s.add_argument("--method", default="mahalanobis", choices=tuple(METHODS))
     s.add_argument(
@@ -377,8 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the method's (tied; per_class for gaussian)",
     )
     s.add_argument("--shrinkage", default=None, help="none, a number in [0, 1], ledoit_wolf or oas")
+    s.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="knn: score by the distance to the k-th nearest training feature (default 50)",
+    )
     s.add_argument("--backend", default=None, choices=("cpu", "triton", "cuda", "torch"))
-    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    s.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="scoring precision (knn: the bank's storage; bf16 stays exact by an fp32 re-rank)",
+    )
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--out", required=True, help="where to write the scores (.npy, float32)")
     s.add_argument("--save", default=None, help="also save the fitted model (.safetensors)")

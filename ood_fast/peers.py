@@ -1,4 +1,7 @@
-"""The Mahalanobis implementations a user would otherwise pick: the peers of our benchmarks/tests.
+"""The implementations a user would otherwise pick: the peers of our benchmarks and tests.
+
+Mahalanobis peers first, KNN peers (faiss, torch, sklearn) at the end of the module (see the
+"KNN" section below for their conventions).
 
 Each peer is re-implemented here from the upstream's math and code structure (nothing is copied;
 the docstring of each says which upstream code it mirrors and how faithfully), as a pair of
@@ -57,6 +60,18 @@ __all__ = [
     "sklearn_fit",
     "sklearn_score",
     "sklearn_per_class",
+    "KNN_PEERS",
+    "faiss_available",
+    "faiss_l2_fit",
+    "faiss_l2_score",
+    "faiss_l2_sweep",
+    "faiss_ip_fit",
+    "faiss_ip_score",
+    "torch_knn_fit",
+    "torch_knn_score",
+    "sklearn_knn_fit",
+    "sklearn_knn_score",
+    "pytorch_ood_knn",
 ]
 
 
@@ -414,3 +429,255 @@ def sklearn_score(fitted: SklearnFit, test_x) -> torch.Tensor:
 def sklearn_per_class(train_x, train_y, test_x) -> torch.Tensor:
     """``sklearn_fit`` then ``sklearn_score``."""
     return sklearn_score(sklearn_fit(train_x, train_y), test_x)
+
+
+# ============================================================================= KNN
+#
+# Deep nearest-neighbour scores (Sun et al. 2022). Every KNN peer is a pair
+#
+#     fitted = <peer>_fit(bank)                  # bank [M, D] raw features (tensor or array)
+#     scores = <peer>_score(fitted, queries, k)  # [N] float32 tensor on the CPU
+#
+# and EVERY ``*_score`` returns OUR convention: higher = more in-distribution, equal to
+# OpenOOD's ``−‖q̂ − b̂_(k)‖²`` (squared L2 from the normalized query to its k-th nearest
+# normalized bank row) — the number ``ood_fast.KNN(k).fit(bank).score(queries)`` returns.
+#
+# ==================  ==============================  =========================================
+# peer                native output                   conversion to ours
+# ==================  ==============================  =========================================
+# faiss IndexFlatL2   D = squared L2, ascending        −D[:, k−1] (exactly OpenOOD's conf)
+# faiss IndexFlatIP   D = q̂·b̂, descending             −(‖q̂‖² + ‖b̂_i‖² − 2 D[:, k−1]) with i
+#                                                     the k-th index (the L2 of that neighbour)
+# torch mm + topk     d² by addmm, k smallest          −(k-th smallest d²)
+# sklearn brute       unsquared L2 (pytorch-ood's      −dist[:, −1]²
+#                     score, higher = OOD)
+# ==================  ==============================  =========================================
+#
+# Normalizers: OpenOOD's ``x / (‖x‖ + 1e-10)`` for the faiss and torch peers (what OpenOOD
+# runs), pytorch-ood's ``x / max(‖x‖, 1e-12)`` for the sklearn peer (what pytorch-ood runs);
+# they differ by ~1e-10 relative for ‖x‖ ≈ 1. faiss runs on as many OpenMP threads as torch
+# uses (``faiss.omp_set_num_threads(torch.get_num_threads())`` before each call) unless
+# ``threads=`` says otherwise, so that a benchmark pinning torch pins faiss too.
+
+KNN_PEERS = ("faiss_l2", "faiss_ip", "torch", "sklearn")
+KNN_NORM_EPS = 1e-10  # OpenOOD's KNNPostprocessor normalizer: x / (‖x‖ + 1e-10)
+
+
+def _knn_features(x, name: str) -> np.ndarray:
+    """float32 C-contiguous numpy ``[N, D]`` (what faiss takes)."""
+    t = _features(x, name)
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
+
+
+def _openood_normalize_np(x: np.ndarray) -> np.ndarray:
+    """OpenOOD's ``normalizer = lambda x: x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10)``."""
+    return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + KNN_NORM_EPS)).astype(
+        np.float32, copy=False
+    )
+
+
+def _check_k_bank(k, M: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        raise TypeError(f"k must be an integer, got {k!r}")
+    if not 1 <= int(k) <= M:
+        raise ValueError(f"k={k} out of range: need 1 <= k <= bank size M={M}")
+    return int(k)
+
+
+@functools.lru_cache(maxsize=1)
+def _faiss_import_error() -> str | None:
+    try:
+        import faiss  # noqa: F401
+    except Exception as exc:
+        return f"faiss cannot import: {type(exc).__name__}: {exc} (`pip install faiss-cpu`)"
+    return None
+
+
+def faiss_available() -> bool | str:
+    """True when ``faiss`` imports here, else the reason (a string)."""
+    err = _faiss_import_error()
+    return True if err is None else err
+
+
+def _faiss_threads(threads: int | None):
+    import faiss
+
+    faiss.omp_set_num_threads(int(threads) if threads else max(1, torch.get_num_threads()))
+
+
+@dataclass
+class FaissFit:
+    index: object  # faiss.IndexFlatL2 / IndexFlatIP holding the normalized bank
+    metric: str  # "l2" or "ip"
+    bank_sq: np.ndarray | None  # [M] squared norms of the normalized bank rows (ip only)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+
+def _faiss_fit(bank, metric: str, threads: int | None) -> FaissFit:
+    import faiss
+
+    b = _openood_normalize_np(_knn_features(bank, "bank"))
+    if b.shape[0] == 0:
+        raise ValueError("bank is empty: need >= 1 row")
+    _faiss_threads(threads)
+    index = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(b.shape[1])
+    index.add(b)
+    sq = np.einsum("md,md->m", b, b, dtype=np.float64) if metric == "ip" else None
+    return FaissFit(index=index, metric=metric, bank_sq=sq)
+
+
+def faiss_l2_fit(bank, threads: int | None = None) -> FaissFit:
+    """OpenOOD's KNN ``setup``: normalize the bank, ``faiss.IndexFlatL2(D)``, ``index.add(bank)``.
+
+    Mirrors ``openood/postprocessors/knn_postprocessor.py`` (OpenOOD v1.5, ``KNNPostprocessor
+    .setup``): ``normalizer(x) = x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10)`` on the
+    float32 penultimate features, then an exact flat L2 index holding all of them (faiss keeps
+    its own copy of the bank).
+    """
+    return _faiss_fit(bank, "l2", threads)
+
+
+def _faiss_search(fitted: FaissFit, queries, k: int, threads: int | None):
+    q = _openood_normalize_np(_knn_features(queries, "queries"))
+    k = _check_k_bank(k, fitted.ntotal)
+    _faiss_threads(threads)
+    D, idx = fitted.index.search(q, k)
+    return q, D, idx
+
+
+def faiss_l2_score(fitted: FaissFit, queries, k: int = 50, threads: int | None = None):
+    """OpenOOD's KNN ``postprocess``: ``D, _ = index.search(normalizer(feature), K)``,
+    ``conf = -D[:, -1]`` — already our convention (higher = ID, −squared L2). float32 [N]."""
+    if fitted.metric != "l2":
+        raise ValueError("faiss_l2_score needs a faiss_l2_fit index")
+    if _features(queries, "queries").shape[0] == 0:
+        return torch.empty(0, dtype=torch.float32)
+    _, D, _ = _faiss_search(fitted, queries, k, threads)
+    return torch.from_numpy(-D[:, -1].copy())
+
+
+def faiss_l2_sweep(fitted: FaissFit, queries, ks, threads: int | None = None):
+    """OpenOOD's hyperparameter sweep (APS) over K: one full ``index.search`` per k, as OpenOOD
+    re-runs its postprocessor for every K of ``[50, 100, 200, 500, 1000]``. ``[N, len(ks)]``."""
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks is empty: give at least one k")
+    n = _features(queries, "queries").shape[0]
+    out = torch.empty(n, len(ks), dtype=torch.float32)
+    for j, k in enumerate(ks):
+        out[:, j] = faiss_l2_score(fitted, queries, k, threads)
+    return out
+
+
+def faiss_ip_fit(bank, threads: int | None = None) -> FaissFit:
+    """``faiss.IndexFlatIP`` over the OpenOOD-normalized bank: the inner-product variant many
+    KNN-OOD codebases use (cosine similarity on unit vectors; e.g. the NNGuide and CIDER code),
+    plus the bank's squared norms to turn the k-th similarity into our squared-L2 score."""
+    return _faiss_fit(bank, "ip", threads)
+
+
+def faiss_ip_score(fitted: FaissFit, queries, k: int = 50, threads: int | None = None):
+    """The k-th largest inner product q̂·b̂ from ``index.search``, as the squared L2 of that
+    neighbour: −(‖q̂‖² + ‖b̂_i‖² − 2 q̂·b̂_i) (float64 arithmetic on faiss's output). For unit
+    vectors this is −(2 − 2 cos); the same neighbour as IndexFlatL2 finds up to ties. float32."""
+    if fitted.metric != "ip":
+        raise ValueError("faiss_ip_score needs a faiss_ip_fit index")
+    if _features(queries, "queries").shape[0] == 0:
+        return torch.empty(0, dtype=torch.float32)
+    q, D, idx = _faiss_search(fitted, queries, k, threads)
+    qsq = np.einsum("nd,nd->n", q, q, dtype=np.float64)
+    d2 = qsq + fitted.bank_sq[idx[:, -1]] - 2.0 * D[:, -1].astype(np.float64)
+    return torch.from_numpy(-np.maximum(d2, 0.0)).to(torch.float32)
+
+
+@dataclass
+class TorchKNNFit:
+    bank: torch.Tensor  # [M, D] normalized, float32
+    bank_sq: torch.Tensor  # [M] squared norms
+
+
+def torch_knn_fit(bank) -> TorchKNNFit:
+    """The normalized bank (OpenOOD's normalizer) and its squared norms, float32, on the bank's
+    device (a CUDA bank stays on the GPU: this is the cuBLAS peer there)."""
+    b = _features(bank, "bank").detach().to(torch.float32)
+    if b.shape[0] == 0:
+        raise ValueError("bank is empty: need >= 1 row")
+    b = b / (torch.linalg.vector_norm(b, dim=1, keepdim=True) + KNN_NORM_EPS)
+    return TorchKNNFit(bank=b.contiguous(), bank_sq=b.square().sum(1))
+
+
+@torch.no_grad()
+def torch_knn_score(fitted: TorchKNNFit, queries, k: int = 50, chunk: int = 2048):
+    """The plain-torch search a practitioner writes: for chunks of ``chunk`` queries,
+    ``d² = ‖q‖² + ‖b‖² − 2 q bᵀ`` (one ``addmm`` against the whole bank) and
+    ``topk(k, largest=False)``; score = −(k-th smallest d²). Holds a ``chunk × M`` distance
+    matrix (2048 × 50k floats = 400 MB) — exactly what a fused kernel avoids."""
+    f = fitted
+    q = _features(queries, "queries").detach().to(f.bank.device, torch.float32)
+    k = _check_k_bank(k, f.bank.shape[0])
+    q = q / (torch.linalg.vector_norm(q, dim=1, keepdim=True) + KNN_NORM_EPS)
+    out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    for s in range(0, q.shape[0], chunk):
+        qc = q[s : s + chunk]
+        d2 = torch.addmm(f.bank_sq[None, :], qc, f.bank.T, alpha=-2.0)
+        d2 += qc.square().sum(1, keepdim=True)
+        kth = d2.topk(k, dim=1, largest=False, sorted=True).values[:, -1]
+        out[s : s + chunk] = -kth.clamp_(min=0.0)
+    return out
+
+
+@dataclass
+class SklearnKNNFit:
+    nn: object  # sklearn.neighbors.NearestNeighbors fitted on the normalized bank
+    ntotal: int
+
+
+def _pytorch_ood_normalize(z: torch.Tensor) -> torch.Tensor:
+    """pytorch-ood's ``KNN._prepare``: ``z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)``."""
+    return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def sklearn_knn_fit(bank, n_jobs: int | None = -1) -> SklearnKNNFit:
+    """pytorch-ood's ``KNN.fit_features``: its normalizer, then
+    ``sklearn.neighbors.NearestNeighbors(n_jobs=-1).fit(bank)`` — here with
+    ``algorithm="brute"`` (exact, what sklearn's "auto" picks for dense high-D features;
+    pytorch-ood 0.4.0 passes no algorithm). float32 as pytorch-ood hands it over."""
+    from sklearn.neighbors import NearestNeighbors
+
+    b = _features(bank, "bank").detach().cpu().to(torch.float32)
+    if b.shape[0] == 0:
+        raise ValueError("bank is empty: need >= 1 row")
+    nn = NearestNeighbors(algorithm="brute", n_jobs=n_jobs)
+    nn.fit(_pytorch_ood_normalize(b).numpy())
+    return SklearnKNNFit(nn=nn, ntotal=int(b.shape[0]))
+
+
+def sklearn_knn_score(fitted: SklearnKNNFit, queries, k: int = 50) -> torch.Tensor:
+    """pytorch-ood's ``KNN.predict_features``: ``dist, _ = knn.kneighbors(normalized, k)``,
+    outlier score ``dist[:, -1]`` (unsquared, higher = OOD); ours is −dist². float32 [N]."""
+    q = _features(queries, "queries").detach().cpu().to(torch.float32)
+    k = _check_k_bank(k, fitted.ntotal)
+    if q.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float32)
+    dist, _ = fitted.nn.kneighbors(
+        _pytorch_ood_normalize(q).numpy(), n_neighbors=k, return_distance=True
+    )
+    d = dist[:, -1].astype(np.float64)
+    return torch.from_numpy(-(d * d)).to(torch.float32)
+
+
+def pytorch_ood_knn(bank, queries, k: int = 50) -> torch.Tensor | None:
+    """pytorch-ood's own ``KNN(None, k).fit_features(bank, zeros).predict_features(queries)``
+    (sklearn brute force under the hood), converted to ours: −score². None where pytorch-ood
+    cannot import."""
+    if _pytorch_ood_import_error() is not None:
+        return None
+    from pytorch_ood.detector import KNN
+
+    b = _features(bank, "bank").detach().cpu().to(torch.float32)
+    det = KNN(None, k=int(k)).fit_features(b, torch.zeros(b.shape[0], dtype=torch.long))
+    native = det.predict_features(_features(queries, "queries").detach().cpu().to(torch.float32))
+    return (-(native.double() ** 2)).to(torch.float32)

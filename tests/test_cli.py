@@ -141,3 +141,131 @@ def test_score_bad_paths_and_keys(tmp_path, feature_files):
         str(tmp_path / "no_such_dir" / "s.npy"),
     )
     assert_clean_error(r)
+
+
+def test_bench_knn_quick_json(tmp_path):
+    path = tmp_path / "knn.json"
+    r = ood_fast(
+        "bench",
+        "--workload",
+        "knn",
+        "--quick",
+        "--peers",
+        "faiss_l2,faiss_ip,torch",
+        "--repeats",
+        "1",
+        "--budget",
+        "0.2",
+        "--json",
+        str(path),
+        "--no-progress",
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "search" in r.stdout and "batch of 1" in r.stdout and "vs faiss" in r.stdout
+    res = json.loads(path.read_text())
+    assert res["meta"]["workload"]["workload"] == "knn"
+    assert res["meta"]["environment"]["threads"] >= 1
+    rows = res["rows"]
+    ours = [row for row in rows if row["kind"] == "ours" and row["status"] == "ok"]
+    assert {row["case"] for row in ours} == {"search", "sweep", "batch1"}, rows
+    assert any(row["backend"] == "torch" and row["precision"] == "bf16" for row in ours)
+    for row in ours:
+        assert row["score_s"] > 0 and row["max_abs_diff_f64"] < 1e-5, row
+        if row["case"] != "batch1":
+            assert 0.5 < row["auroc"] <= 1.0, row
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return
+    faiss_rows = [row for row in rows if (row["peer"] or "").startswith("faiss")]
+    assert {row["case"] for row in faiss_rows} == {"search", "sweep", "batch1"}
+    assert all(row["status"] == "ok" for row in faiss_rows), faiss_rows
+    assert {row["threads"] for row in faiss_rows if row["case"] == "batch1"} >= {1}
+    for row in ours:
+        assert "faiss" in row["speedup"], row
+        if row["precision"] == "fp32":
+            assert row["max_abs_diff_faiss"] < 1e-5, row
+    # backends that cannot run are listed with their reasons
+    skipped = dict(map(tuple, res["skipped"]))
+    assert "ours cuda" in skipped and skipped["ours cuda"]
+
+
+def main_in_process(capsys, *args) -> tuple[int, str, str]:
+    """``ood_fast.cli.main`` in this process (no interpreter start-up): (status, out, err)."""
+    from ood_fast import cli
+
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_clean_error_in_process(capsys, *args, match=None):
+    rc, out, err = main_in_process(capsys, *args)
+    assert rc == 2, out + err
+    assert "error" in err.lower() and "Traceback" not in err, err
+    if match:
+        assert match in err, err
+
+
+def test_bench_knn_rejects_bad_options(capsys):
+    bad = [
+        (("--workload", "knn", "--peers", "openood"), "faiss_l2"),
+        (("--workload", "knn", "--preset", "mnist"), "mnist"),
+        (("--workload", "knn", "--quick", "--k", "0"), "--k"),
+        (("--workload", "knn", "--quick", "--covariance", "per_class"), "--covariance"),
+        (("--workload", "knn", "--gpu"), "--gpu"),
+        (("--quick", "--k", "5"), "--k"),  # --k is for knn
+    ]
+    for args, match in bad:
+        assert_clean_error_in_process(capsys, "bench", *args, match=match)
+
+
+def test_score_knn(tmp_path, feature_files, capsys):
+    import torch
+
+    import ood_fast as of
+
+    train, test = feature_files
+    np.save(tmp_path / "bank.npy", np.load(train)["x"])  # no labels: fine for knn
+    out = tmp_path / "knn.npy"
+    model = tmp_path / "knn.safetensors"
+    r = ood_fast(
+        "score",
+        "--train",
+        str(tmp_path / "bank.npy"),
+        "--test",
+        str(test),
+        "--method",
+        "knn",
+        "--k",
+        "10",
+        "--out",
+        str(out),
+        "--save",
+        str(model),
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "knn (k=10)" in r.stdout and "AUROC" in r.stdout
+    scores = np.load(out)
+    assert scores.shape == (200,) and np.all(np.isfinite(scores)) and np.all(scores <= 0)
+    t = torch.from_numpy(np.load(test)["x"])
+    want = of.KNN(k=10).fit(torch.from_numpy(np.load(train)["x"])).score(t).numpy()
+    np.testing.assert_allclose(scores, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(of.load(str(model)).score(t).numpy(), want, rtol=0, atol=1e-6)
+    # the default k is 50 (a labelled training file works too); bf16 bank stays close
+    base = ["score", "--train", str(train), "--test", str(test), "--method", "knn"]
+    rc, so, se = main_in_process(capsys, *base, "--out", str(out))
+    assert rc == 0 and "knn (k=50)" in so, se
+    want50 = of.KNN(k=50).fit(torch.from_numpy(np.load(train)["x"])).score(t).numpy()
+    np.testing.assert_allclose(np.load(out), want50, rtol=0, atol=1e-6)
+    rc, so, se = main_in_process(capsys, *base, "--precision", "bf16", "--out", str(out))
+    assert rc == 0 and "bf16 bank" in so, se
+    np.testing.assert_allclose(np.load(out), want50, rtol=0, atol=1e-2)
+    # a k beyond the bank, Mahalanobis-only options, --k without knn: clean errors
+    assert_clean_error_in_process(capsys, *base, "--k", "601", "--out", str(out), match="600")
+    assert_clean_error_in_process(capsys, *base, "--covariance", "tied", "--out", str(out))
+    assert_clean_error_in_process(
+        capsys, "score", "--train", str(train), "--test", str(test), "--k", "5", "--out", str(out)
+    )

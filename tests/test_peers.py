@@ -170,3 +170,94 @@ def test_integration_import_error_without_pytorch_ood():
 
     with pytest.raises(ImportError, match="needs pytorch-ood"):
         importlib.import_module("ood_fast.integrations.pytorch_ood")
+
+
+# ---------------------------------------------------------------------------------------------
+# KNN peers: every one returns OpenOOD's −‖q̂ − b̂_(k)‖², checked against float64 numpy
+# ---------------------------------------------------------------------------------------------
+
+
+def knn_problem(m=700, n=90, d=24, seed=1):
+    rng = np.random.default_rng(seed)
+    bank = rng.normal(size=(m, d)) + 0.5
+    q = np.concatenate([rng.normal(size=(n, d)) + 0.5, rng.normal(scale=2.0, size=(n // 3, d))])
+    q[0] = 0.0  # a zero query: both normalizers keep it at zero
+    return bank.astype(np.float32), q.astype(np.float32)
+
+
+def knn_reference(bank, q, ks):
+    """float64: OpenOOD's normalizer, squared L2, k-th smallest, negated: [n, len(ks)]."""
+    b = bank.astype(np.float64)
+    b = b / (np.linalg.norm(b, axis=1, keepdims=True) + 1e-10)
+    x = q.astype(np.float64)
+    x = x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+    d2 = ((x[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    d2.sort(axis=1)
+    return -d2[:, [k - 1 for k in ks]]
+
+
+def close_abs(got, want, atol):
+    got = np.asarray(torch.as_tensor(got).detach().cpu().double())
+    assert got.shape == want.shape
+    err = np.abs(got - want).max()
+    assert err <= atol, err
+
+
+@pytest.mark.parametrize("k", [1, 17, 700])
+def test_knn_peers_match_reference(k):
+    bank, q = knn_problem()
+    want = knn_reference(bank, q, [k])[:, 0]
+    got = peers.torch_knn_score(peers.torch_knn_fit(bank), q, k, chunk=32)  # several chunks
+    assert got.dtype == torch.float32 and got.shape == (q.shape[0],)
+    close_abs(got, want, 2e-6)
+    close_abs(peers.sklearn_knn_score(peers.sklearn_knn_fit(torch.tensor(bank)), q, k), want, 2e-6)
+
+
+@pytest.mark.parametrize("k", [1, 17, 700])
+def test_faiss_peers_match_reference(k):
+    pytest.importorskip("faiss")
+    assert peers.faiss_available() is True
+    bank, q = knn_problem()
+    want = knn_reference(bank, q, [k])[:, 0]
+    l2 = peers.faiss_l2_fit(bank)
+    assert l2.ntotal == bank.shape[0]
+    close_abs(peers.faiss_l2_score(l2, q, k), want, 2e-6)
+    close_abs(peers.faiss_l2_score(l2, torch.tensor(q), k, threads=1), want, 2e-6)
+    close_abs(peers.faiss_ip_score(peers.faiss_ip_fit(bank), q, k), want, 2e-6)
+
+
+def test_faiss_sweep_and_ours_agree():
+    pytest.importorskip("faiss")
+    import ood_fast
+
+    bank, q = knn_problem()
+    ks = [1, 5, 50, 700]
+    want = knn_reference(bank, q, ks)
+    sweep = peers.faiss_l2_sweep(peers.faiss_l2_fit(bank), q, ks)
+    assert sweep.shape == (q.shape[0], len(ks))
+    close_abs(sweep, want, 2e-6)
+    ours = ood_fast.KNN(k=5, backend="torch").fit(bank)
+    close_abs(ours.score_sweep(q, ks), want, 2e-6)
+    close_abs(ours.score(q), want[:, 1], 2e-6)
+
+
+def test_knn_peers_bad_input():
+    bank, q = knn_problem()
+    f = peers.torch_knn_fit(bank)
+    with pytest.raises(ValueError, match="out of range"):
+        peers.torch_knn_score(f, q, bank.shape[0] + 1)
+    with pytest.raises(ValueError, match="out of range"):
+        peers.sklearn_knn_score(peers.sklearn_knn_fit(bank), q, 0)
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        peers.torch_knn_fit(bank[:, 0])
+    with pytest.raises(ValueError, match="empty"):
+        peers.torch_knn_fit(bank[:0])
+    assert peers.sklearn_knn_score(peers.sklearn_knn_fit(bank), q[:0], 3).shape == (0,)
+
+
+@pytest.mark.pytorch_ood
+def test_pytorch_ood_knn_matches_reference():
+    require_pytorch_ood()
+    bank, q = knn_problem()
+    for k in (1, 50):
+        close_abs(peers.pytorch_ood_knn(bank, q, k), knn_reference(bank, q, [k])[:, 0], 2e-6)

@@ -1,4 +1,4 @@
-"""Drop-in replacements for pytorch-ood's ``Mahalanobis`` and ``RMD`` detectors, on ood_fast.
+"""Drop-in replacements for pytorch-ood's ``Mahalanobis``, ``RMD`` and ``KNN`` detectors, on ood_fast.
 
 ::
 
@@ -27,6 +27,15 @@ and, computed on first access because a D×D inverse is exactly what we avoid, `
 (= N·Σ + 1e-6·I, pytorch-ood's definition) and ``precision`` (its inverse); for RMD also
 ``background_mu``, ``background_cov``, ``background_precision``.
 
+``KNN`` subclasses ``pytorch_ood.detector.KNN`` (same constructor, same sign and values:
+pytorch-ood's unsquared distance ``‖z − z_(k)‖`` of its normalized features, higher = more OOD,
+float64 like pytorch-ood's) and searches with ``ood_fast.KNN`` instead of sklearn brute force:
+``fit_features`` keeps the normalized bank once (the upstream ``self.knn`` NearestNeighbors is left
+unfitted, so the bank is not held twice), and fitting again on the very same feature tensor (what
+``pytorch_ood.utils.GridSearch`` does for every candidate k) reuses it, so a sweep over k costs
+only the searches; setting ``k`` (or its alias ``n_neighbors``) on a fitted detector just changes
+the k used at predict. ``predict_features_sweep(z, ks)`` scores several k in one pass.
+
 Importing this module raises ImportError when pytorch-ood cannot be imported (pytorch-ood 0.4.0
 needs a torchvision that matches the installed torch).
 """
@@ -48,7 +57,7 @@ except Exception as _exc:  # ImportError, or torchvision failing to load next to
         "torchvision at import time, so torchvision must be installed and match torch."
     ) from _exc
 
-__all__ = ["Mahalanobis", "RMD"]
+__all__ = ["Mahalanobis", "RMD", "KNN"]
 
 _RIDGE = 1e-6  # pytorch-ood's ridge on the summed covariance
 
@@ -239,3 +248,193 @@ class RMD(_OodFastMixin, _pod.RMD):
             raise RequiresFittingException
         s = self._estimator.score(_pool(z))  # −(min d²_c − d²_0) (MLE), float32
         return s * (-1.0 / self._n_train)
+
+
+# ---------------------------------------------------------------------------------------------
+# KNN
+# ---------------------------------------------------------------------------------------------
+
+
+def _euclidean(knn_kwargs: dict) -> bool:
+    """True when pytorch-ood's NearestNeighbors would measure plain Euclidean distances (its
+    default ``metric="minkowski", p=2``): the case ood_fast computes. The neighbour-search
+    options (``algorithm``, ``leaf_size``, ``n_neighbors``, ``radius``) do not change exact
+    k-th distances and are accepted."""
+    metric = knn_kwargs.get("metric", "minkowski")
+    if knn_kwargs.get("metric_params"):
+        return False
+    if metric in ("euclidean", "l2"):
+        return True
+    return metric == "minkowski" and float(knn_kwargs.get("p", 2)) == 2.0
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    """What identifies a tensor's current contents without reading them: the object itself (a
+    weak reference), its in-place version counter, storage pointer, shape, strides, dtype."""
+    import weakref
+
+    return (
+        weakref.ref(t),
+        t._version,
+        t.data_ptr(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        str(t.device),
+    )
+
+
+def _same_tensor(key, t: Tensor) -> bool:
+    return key is not None and key[0]() is t and key[1:] == _tensor_key(t)[1:]
+
+
+class KNN(_pod.KNN):
+    """``pytorch_ood.detector.KNN`` on ood_fast: same constructor, fit/predict surface, sign
+    (higher = more OOD) and values (the unsquared Euclidean distance of the normalized feature to
+    its k-th nearest normalized training feature, float64), with an exact search by
+    ``ood_fast.KNN`` (fused distance + top-k kernels where built) instead of sklearn's.
+
+    :param encoder: feature encoder; ``None`` when only ``fit_features`` / ``predict_features``
+        are used.
+    :param k: the neighbour whose distance is the score; may be changed after fitting (also as
+        ``n_neighbors``) without re-fitting.
+    :param normalize: pytorch-ood's normalization ``z / max(‖z‖, 1e-12)`` (applied here exactly
+        as upstream, before the bank is handed to ood_fast).
+    :param knn_kwargs: pytorch-ood's ``NearestNeighbors`` options. With a non-Euclidean
+        ``metric`` (or ``p`` ≠ 2, ``metric_params``) the detector falls back to pytorch-ood's
+        own sklearn search (``uses_ood_fast`` is then False).
+    :param backend: ood_fast backend (keyword only; None = automatic).
+    :param bank_dtype: ``torch.bfloat16``/``torch.float16`` store the bank at half the memory;
+        scores stay exact (keyword only; None = float32).
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[Tensor], Tensor] | None,
+        k: int = 50,
+        normalize: bool = True,
+        *,
+        backend: str | None = None,
+        bank_dtype=None,
+        **knn_kwargs,
+    ):
+        super().__init__(encoder, k=k, normalize=normalize, **knn_kwargs)
+        self.uses_ood_fast = _euclidean(knn_kwargs)
+        self._fast_backend = backend
+        self._fast_bank_dtype = bank_dtype
+        self._fast = None  # ood_fast.KNN holding the normalized bank
+        self._fit_key = None  # (features key, labels key, normalize) of the last fit
+
+    # pytorch-ood reads ``self.k``; sklearn users know the same knob as ``n_neighbors``
+    @property
+    def n_neighbors(self) -> int:
+        return self.k
+
+    @n_neighbors.setter
+    def n_neighbors(self, value: int):
+        self.k = value
+
+    @property
+    def n_samples_fit_(self) -> int | None:
+        """Rows of the bank (ID samples of the last fit), or None before fitting."""
+        return None if self._fast is None else self._fast.n_samples_
+
+    def fit_features(self, z: Tensor, labels: Tensor):
+        """Keep the ID features (labels >= 0), normalized, as the bank. Fitting again on the same
+        ``z`` and ``labels`` tensors, unchanged since (same objects, no in-place edits), reuses
+        the bank. Returns self.
+
+        :raises ValueError: no ID samples, or fewer than ``k`` of them (as pytorch-ood)
+        """
+        if not self.uses_ood_fast:
+            return super().fit_features(z, labels)
+        from pytorch_ood.utils import is_known
+
+        import ood_fast
+
+        labels = torch.as_tensor(labels)
+        key = (
+            (_tensor_key(z), _tensor_key(labels), self.normalize) if isinstance(z, Tensor) else None
+        )
+        if (
+            key is not None
+            and self._fit_key is not None
+            and self._fast is not None
+            and _same_tensor(self._fit_key[0], z)
+            and _same_tensor(self._fit_key[1], labels)
+            and self._fit_key[2] == self.normalize
+        ):
+            n_known = self._fast.n_samples_
+            if n_known < self.k:
+                raise ValueError(f"k={self.k} exceeds the number of ID samples ({n_known})")
+            self._is_fitted = True
+            return self
+        known = is_known(labels)
+        if not known.any():
+            raise ValueError("No ID samples")
+        n_known = int(known.sum())
+        if n_known < self.k:
+            raise ValueError(f"k={self.k} exceeds the number of ID samples ({n_known})")
+        z = torch.as_tensor(z).detach()
+        bank = self._prepare(z[known.to(z.device)])  # boolean indexing copies: no aliasing
+        device = self.device or bank.device
+        est = ood_fast.KNN(
+            k=min(self.k, n_known),
+            normalize=False,
+            squared=False,
+            backend=self._fast_backend,
+            bank_dtype=self._fast_bank_dtype,
+        ).fit(bank.to(device))
+        self._fast, self._fit_key = est, key
+        self._is_fitted = True
+        return self
+
+    def _search(self, z: Tensor, ks) -> Tensor:
+        if not self._is_fitted:
+            raise RequiresFittingException()
+        q = self._prepare(torch.as_tensor(z).detach())
+        return self._fast.score_sweep(q, ks)  # −‖q − b_(k)‖, [B, len(ks)] float32
+
+    @torch.no_grad()
+    def predict_features(self, z: Tensor) -> Tensor:
+        """
+        :param z: features of shape :math:`B \\times D`
+        :return: outlier scores of shape :math:`B` (float64): the distance to the k-th nearest
+            normalized training feature, higher = more OOD
+        :raises RequiresFittingException: if the detector was not fitted
+        """
+        if not self.uses_ood_fast:
+            return super().predict_features(z)
+        device = self.device or z.device
+        d = -self._search(z, [int(self.k)])[:, 0]
+        return d.to(device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def predict_features_sweep(self, z: Tensor, ks) -> Tensor:
+        """Outlier scores ``[B, len(ks)]`` (float64) for several k at once, in one pass over the
+        bank: column j equals ``predict_features(z)`` with ``k = ks[j]``."""
+        ks = [int(k) for k in ks]
+        if not self.uses_ood_fast:
+            old = self.k
+            try:
+                cols = []
+                for k in ks:
+                    self.k = k
+                    cols.append(super().predict_features(z))
+                return torch.stack(cols, dim=1)
+            finally:
+                self.k = old
+        device = self.device or z.device
+        return (-self._search(z, ks)).to(device=device, dtype=torch.float64)
+
+    def to(self, device):
+        """Move the encoder (as pytorch-ood) and the bank to ``device``. Returns self."""
+        super().to(device)
+        if self._fast is not None:
+            self._fast.to(device)
+        return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fit_key"] = None  # weak references do not pickle; a reload re-fits on demand
+        return state
