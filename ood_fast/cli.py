@@ -31,6 +31,8 @@ ENV_VARS = {
     "OOD_FAST_BACKEND": "default backend for every op (cpu, triton, cuda, torch); unset: automatic",
     "OOD_FAST_BUILD_CUDA": "at install: 1 builds the CUDA extension, 0 never; unset: if nvcc + GPU",
     "OOD_FAST_CUDA_ARCHS": "at install: CUDA architectures to compile for, e.g. 90 or 80;90",
+    "OOD_FAST_CUDA_SYNC": "1: synchronize after every CUDA kernel, so a fault is reported where it happens",
+    "OOD_FAST_BENCH_FULL": "1: run the slow ImageNet-scale benchmark groups (same as --run-slow)",
 }
 
 
