@@ -42,7 +42,7 @@ else
     "$VENV/bin/python" -m pip install -q --no-compile "$TORCH" "$VISION"
     # pytorch-ood's own requirements are numpy, scipy, torch, torchvision, typing_extensions.
     "$VENV/bin/python" -m pip install -q --no-compile "$POOD" \
-        "setuptools>=69" "pybind11>=2.12" wheel \
+        "setuptools>=77" "pybind11>=2.12" wheel \
         numpy scipy scikit-learn typing_extensions safetensors tqdm pytest
     ready || { echo "peers env: pytorch-ood still does not import in $VENV" >&2; exit 1; }
 fi

@@ -11,6 +11,7 @@
 namespace py = pybind11;
 
 void bind_mahalanobis(py::module_& m);
+void bind_knn(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "ood_fast CUDA kernels (pybind11, static CUDA runtime; raw device pointers + stream)";
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_cuda, m) {
     return n;
   }, "Number of CUDA devices this module's runtime sees (0 without a GPU or driver).");
   bind_mahalanobis(m);
+  bind_knn(m);
 }
