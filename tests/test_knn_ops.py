@@ -379,7 +379,7 @@ def test_empty_queries_give_empty_outputs():
 def test_numpy_inputs_and_explicit_torch_backend():
     q, b = _data(4, 20, 3, dtype=torch.float32)
     d, i = knn_ops.knn(q.numpy(), b.numpy(), 5, backend="torch")
-    d2, i2 = knn_ops.knn(q, b, 5)
+    d2, i2 = knn_ops.knn(q, b, 5, backend="torch")
     assert torch.equal(d, d2) and torch.equal(i, i2)
     for op in ("knn", "kth_distance", "prototype_scores"):
         assert "torch" in _backend.registered_ops()[op]

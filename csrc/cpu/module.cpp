@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void bind_mahalanobis(py::module_& m);
+void bind_knn(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ood_fast C++ CPU kernels (pybind11 + OpenMP; runtime instruction-set dispatch)";
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "Instruction-set extensions the kernels can use on this processor.");
   bind_mahalanobis(m);
+  bind_knn(m);
 }

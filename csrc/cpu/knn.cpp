@@ -1,0 +1,568 @@
+// knn, CPU backend: exact k-nearest-neighbour search with a fused distance + top-k epilogue.
+//
+//   l2: d = max(0, (‖q‖² + ‖b‖²) − 2 q·b)      ip: d = −q·b        (fp32 throughout)
+//   result per query: the k smallest (d, index) pairs, ascending, ties by lower index.
+//
+// Every q·b is the same fp32 chain, c = fma(q[k], b[k], c) for k = 0..D−1 (the packed GEMM
+// micro-kernel of gemm.h, whatever the tiling), and the norms are computed once per row by one
+// function, so every path (query tiles × shared bank chunks for large batches, bank split over
+// threads for small ones, any thread count) gives bit-identical distances and hence identical
+// results. Reduced-precision banks (f16/bf16) are upcast exactly while being packed, so their
+// results equal the fp32 search over the upcast values by construction; exact=False takes the
+// same path (on this kind of processor vdpbf16ps runs at half the fp32 FMA rate, so a bf16
+// low-precision pass plus re-rank would not be faster than the fp32 kernel).
+//
+// Large batches: the bank is packed in chunks of up to 64 MiB (32-row GEMM panels, shared by
+// the threads; OOD_FAST_KNN_CHUNK_BYTES overrides, for tests), each thread multiplies its query
+// tiles (packed once per block of queries, in L2 while in use) by every panel of the chunk, and
+// the epilogue turns each 32-wide slab of dot products into distances, compares them with the
+// query's threshold (its current k-th distance) and collects the few that pass as 64-bit
+// (distance, index) keys; a buffer (up to min(k, 1024) keys per query of the tile) is radix-sorted
+// and merged into the query's sorted key list (kept in its int64 output row) when it fills and at
+// the end of each chunk. Only a tile × 32 block of distances exists at a time. Banks are limited
+// to 2^32 − 1 rows (the key's index half).
+// Small batches (fewer queries than two micro-panels): the bank is split between the threads,
+// each streams its part, packing 32 rows × one K block at a time into L1 (a GEMV in effect, with
+// a micro-kernel as tall as the batch), keeps private lists, and the lists are merged at the end.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "gemm.h"
+#include "simd.h"
+#include "topk.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace ood_fast {
+namespace {
+
+using gemm::NR;
+
+enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+enum Metric { kL2 = 0, kIP = 1 };
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+int parse_dtype(const std::string& s, const char* what) {
+  if (s == "f32") return kF32;
+  if (s == "f16") return kF16;
+  if (s == "bf16") return kBF16;
+  throw std::invalid_argument(std::string("knn: ") + what + " dtype must be f32, f16 or bf16, got '" + s + "'");
+}
+
+inline size_t dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+inline float load_elem(const void* p, int dt, int64_t idx) {
+  if (dt == kF32) return static_cast<const float*>(p)[idx];
+  const uint16_t h = static_cast<const uint16_t*>(p)[idx];
+  return dt == kF16 ? gemm::f16_to_f32(h) : gemm::bf16_to_f32(h);
+}
+
+// ------------------------------------------------------------------------------------------
+// Row conversion, squared norms, bank panel packing: portable versions
+// ------------------------------------------------------------------------------------------
+
+void convert_row_generic(const void* src, int dt, int64_t D, float* dst) {
+  for (int64_t k = 0; k < D; ++k) dst[k] = load_elem(src, dt, k);
+}
+
+// Squared norms are one sequential chain over k, like the dot products (s = s + x·x here,
+// fma(x, x, s) in the AVX-512 versions), whether computed from a row or from a packed panel.
+float sqnorm_generic(const float* x, int64_t D) {
+  float s = 0.0f;
+  for (int64_t k = 0; k < D; ++k) s += x[k] * x[k];
+  return s;
+}
+
+// dst[s][j] (s < ks, j < 32) = bank row j (of the rows at `bank`), element k0 + s; rows past nv
+// are zero. nrm (if set): nrm[j] continues the squared-norm chain of row j over these elements.
+void pack_b_generic(const char* bank, int dt, int64_t D, int64_t nv, int64_t k0, int64_t ks, float* dst, float* nrm) {
+  const size_t row_bytes = static_cast<size_t>(D) * dtype_size(dt);
+  for (int j = 0; j < NR; ++j) {
+    const void* row = bank + j * row_bytes;
+    float s = nrm ? nrm[j] : 0.0f;
+    for (int64_t t = 0; t < ks; ++t) {
+      const float v = j < nv ? load_elem(row, dt, k0 + t) : 0.0f;
+      dst[t * NR + j] = v;
+      s += v * v;
+    }
+    if (nrm) nrm[j] = s;
+  }
+}
+
+#ifdef OOD_FAST_X86
+
+OOD_TARGET_AVX512 inline __m512 load16(const void* p, int dt, __mmask16 m) {
+  if (dt == kF32) return _mm512_maskz_loadu_ps(m, p);
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  if (dt == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+OOD_TARGET_AVX512 void convert_row_avx512(const void* src, int dt, int64_t D, float* dst) {
+  const char* p = static_cast<const char*>(src);
+  const size_t es = dtype_size(dt);
+  for (int64_t k = 0; k < D; k += 16) {
+    const int kv = static_cast<int>(std::min<int64_t>(16, D - k));
+    const __mmask16 m = static_cast<__mmask16>((1u << kv) - 1u);
+    _mm512_mask_storeu_ps(dst + k, m, load16(p + k * es, dt, m));
+  }
+}
+
+OOD_TARGET_AVX512 float sqnorm_avx512(const float* x, int64_t D) {
+  __m128 s = _mm_setzero_ps();
+  for (int64_t k = 0; k < D; ++k) {
+    const __m128 v = _mm_set_ss(x[k]);
+    s = _mm_fmadd_ss(v, v, s);
+  }
+  return _mm_cvtss_f32(s);
+}
+
+OOD_TARGET_AVX512 void pack_b_avx512(const char* bank, int dt, int64_t D, int64_t nv, int64_t k0, int64_t ks,
+                                     float* dst, float* nrm) {
+  const size_t es = dtype_size(dt);
+  const size_t row_bytes = static_cast<size_t>(D) * es;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t rows = std::min<int64_t>(16, nv - 16 * h);
+    if (rows <= 0) {
+      for (int64_t s = 0; s < ks; ++s) _mm512_store_ps(dst + s * NR + 16 * h, _mm512_setzero_ps());
+      if (nrm) _mm512_storeu_ps(nrm + 16 * h, _mm512_setzero_ps());
+      continue;
+    }
+    const char* base = bank + static_cast<size_t>(16 * h) * row_bytes;
+    __m512 acc = nrm ? _mm512_loadu_ps(nrm + 16 * h) : _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < ks; s0 += 16) {
+      const int kv = static_cast<int>(std::min<int64_t>(16, ks - s0));
+      const __mmask16 m = static_cast<__mmask16>((1u << kv) - 1u);
+      __m512 v[16];
+      for (int r = 0; r < 16; ++r)
+        v[r] = r < rows ? load16(base + r * row_bytes + (k0 + s0) * es, dt, m) : _mm512_setzero_ps();
+      gemm::transpose16x16(v);
+      for (int j = 0; j < kv; ++j) {
+        _mm512_store_ps(dst + (s0 + j) * NR + 16 * h, v[j]);
+        acc = _mm512_fmadd_ps(v[j], v[j], acc);
+      }
+    }
+    if (nrm) _mm512_storeu_ps(nrm + 16 * h, acc);
+  }
+}
+
+gemm::MicroKernel ukr_f32_rows(int mr) {
+  switch (mr) {
+    case 1: return &gemm::ukr_f32_avx512<1>;
+    case 2: return &gemm::ukr_f32_avx512<2>;
+    case 3: return &gemm::ukr_f32_avx512<3>;
+    case 4: return &gemm::ukr_f32_avx512<4>;
+    case 5: return &gemm::ukr_f32_avx512<5>;
+    case 6: return &gemm::ukr_f32_avx512<6>;
+    case 7: return &gemm::ukr_f32_avx512<7>;
+    case 8: return &gemm::ukr_f32_avx512<8>;
+    case 9: return &gemm::ukr_f32_avx512<9>;
+    case 10: return &gemm::ukr_f32_avx512<10>;
+    case 11: return &gemm::ukr_f32_avx512<11>;
+    case 12: return &gemm::ukr_f32_avx512<12>;
+    case 13: return &gemm::ukr_f32_avx512<13>;
+    default: return &gemm::ukr_f32_avx512<14>;
+  }
+}
+
+#endif  // OOD_FAST_X86
+
+// ------------------------------------------------------------------------------------------
+// Per-thread candidate buffers and the query lists they are merged into
+// ------------------------------------------------------------------------------------------
+
+struct Lists {  // rows of the (global or thread-private) result, indexed by local query row
+  uint64_t* keys;  // sorted (distance, index) keys, k per row
+  int64_t stride;  // = k
+  int64_t* count;
+  float* thr;      // the k-th distance once the list is full, else +inf
+};
+
+struct Work {
+  gemm::Buffer<uint32_t> A;     // packed query tile (large path)
+  gemm::Buffer<float> cbuf;     // [rows][32] dot products of one panel
+  gemm::Buffer<float> bbuf;     // one packed K block of a bank panel (small path)
+  gemm::Buffer<float> rows;     // converted query rows (packing)
+  std::vector<uint64_t> cand;   // [tile rows][cap] keys (distance, row)
+  std::vector<int32_t> ncand;   // [tile rows]
+  std::vector<uint64_t> sort_tmp;  // [cap]
+  alignas(64) float nrm[NR];    // squared norms of the panel's rows (small path)
+  std::vector<uint64_t> tmp;    // merge scratch, k
+};
+
+class Search {
+ public:
+  Search(const void* q, int qt, int64_t N, const char* bank, int bt, int64_t M, int64_t D, int64_t k, int metric,
+         float* out_d, int64_t* out_i, int nthreads)
+      : q_(q), qt_(qt), N_(N), bank_(bank), bt_(bt), M_(M), D_(D), k_(k), metric_(metric), out_d_(out_d),
+        out_i_(out_i), nthreads_(std::max(1, nthreads)) {
+#ifdef OOD_FAST_X86
+    avx512_ = cpu_has_avx512f();
+#endif
+    kr_ = avx512_ ? avx512_kernel() : gemm::generic_kernel();
+    cap_ = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(16, k)));
+    row_bytes_ = static_cast<size_t>(D) * dtype_size(bt);
+  }
+
+  void run() {
+    if (N_ < 2 * 14) run_bank_split();  // fewer queries than two micro-panels
+    else run_query_tiles();
+  }
+
+ private:
+  static gemm::Kernel avx512_kernel() {
+#ifdef OOD_FAST_X86
+    return gemm::avx512_kernel();
+#else
+    return gemm::generic_kernel();
+#endif
+  }
+
+  void convert_row(const void* src, int dt, float* dst) const {
+#ifdef OOD_FAST_X86
+    if (avx512_) return convert_row_avx512(src, dt, D_, dst);
+#endif
+    convert_row_generic(src, dt, D_, dst);
+  }
+  float sqnorm(const float* x) const {
+#ifdef OOD_FAST_X86
+    if (avx512_) return sqnorm_avx512(x, D_);
+#endif
+    return sqnorm_generic(x, D_);
+  }
+  void pack_b(int64_t r0, int64_t k0, int64_t ks, float* dst, float* nrm) const {
+    const int64_t nv = std::min<int64_t>(NR, M_ - r0);
+    const char* src = bank_ + static_cast<size_t>(r0) * row_bytes_;
+    if (metric_ != kL2) nrm = nullptr;
+#ifdef OOD_FAST_X86
+    if (avx512_) return pack_b_avx512(src, bt_, D_, nv, k0, ks, dst, nrm);
+#endif
+    pack_b_generic(src, bt_, D_, nv, k0, ks, dst, nrm);
+  }
+
+  void alloc_work(Work& w, int64_t tile_rows, bool bbuf) const {
+    w.A.resize(static_cast<size_t>(tile_rows * D_));
+    w.cbuf.resize(static_cast<size_t>(tile_rows * NR));
+    if (bbuf) w.bbuf.resize(static_cast<size_t>(kr_.kc * NR));
+    w.rows.resize(static_cast<size_t>(kr_.mr * D_ + 16));
+    w.cand.resize(static_cast<size_t>(tile_rows * cap_));
+    w.ncand.assign(static_cast<size_t>(tile_rows), 0);
+    w.sort_tmp.resize(static_cast<size_t>(cap_));
+    w.tmp.resize(static_cast<size_t>(k_));
+  }
+
+  // Packs queries [n0, n0 + m) into w.A (micro-panels of kr.mr rows) and their norms into qn.
+  void pack_queries(const gemm::Kernel& kr, Work& w, uint32_t* A, int64_t n0, int64_t m, float* qn) const {
+    const int64_t mr = kr.mr;
+    const size_t qrow = static_cast<size_t>(D_) * dtype_size(qt_);
+    const char* q = static_cast<const char*>(q_);
+    for (int64_t i = 0; i * mr < m; ++i) {
+      const int64_t r0 = i * mr, mrows = std::min(mr, m - r0);
+      for (int64_t r = 0; r < mrows; ++r) {
+        float* row = w.rows.data() + r * D_;
+        convert_row(q + static_cast<size_t>(n0 + r0 + r) * qrow, qt_, row);
+        qn[r0 + r] = metric_ == kL2 ? sqnorm(row) : 0.0f;
+      }
+      gemm::pack_a_panel(kr, A, D_, i, w.rows.data(), D_, mrows, D_, false);
+    }
+  }
+
+  void flush(Work& w, const Lists& L, int64_t r) const {
+    const int32_t nc = w.ncand[r];
+    if (!nc) return;
+    uint64_t* c = w.cand.data() + r * cap_;
+    topk::sort_keys(c, nc, w.sort_tmp.data());
+    uint64_t* list = L.keys + r * L.stride;
+    L.count[r] = topk::merge_keys(list, L.count[r], k_, c, nc, w.tmp.data());
+    if (L.count[r] == k_) L.thr[r] = topk::from_ordered_bits(static_cast<uint32_t>(list[k_ - 1] >> 32));
+    w.ncand[r] = 0;
+  }
+
+  void push(Work& w, const Lists& L, int64_t r, float d, int64_t idx) const {
+    if (!(d < L.thr[r])) return;  // re-checked: a flush may have lowered the threshold
+    int32_t& nc = w.ncand[r];
+    w.cand[r * cap_ + nc] = topk::make_key(d + 0.0f, static_cast<uint32_t>(idx));  // +0.0f: no -0
+    if (++nc == cap_) flush(w, L, r);
+  }
+
+  // Distances of one panel's dot products (cbuf [m][32]) and selection into the candidates.
+  void epilogue(Work& w, const Lists& L, const float* qn, const float* bn, int64_t m, int64_t col0) const {
+    const int nc = static_cast<int>(std::min<int64_t>(NR, M_ - col0));
+    const float* cb = w.cbuf.data();
+#ifdef OOD_FAST_X86
+    if (avx512_) return epilogue_avx512(w, L, qn, m, col0, nc, cb, bn);
+#endif
+    for (int64_t r = 0; r < m; ++r) {
+      for (int j = 0; j < nc; ++j) {
+        const float c = cb[r * NR + j];
+        float d;
+        if (metric_ == kL2) {
+          const float s = qn[r] + bn[j];
+          d = s - 2.0f * c;
+          d = d < 0.0f ? 0.0f : d;
+        } else {
+          d = -c;
+        }
+        push(w, L, r, d, col0 + j);
+      }
+    }
+  }
+
+#ifdef OOD_FAST_X86
+  OOD_TARGET_AVX512 void epilogue_avx512(Work& w, const Lists& L, const float* qn, int64_t m, int64_t col0, int nc,
+                                         const float* cb, const float* bn) const {
+    const __mmask16 m0 = nc >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << nc) - 1u);
+    const __mmask16 m1 = nc >= 32 ? __mmask16(0xffff) : nc > 16 ? static_cast<__mmask16>((1u << (nc - 16)) - 1u) : 0;
+    const __m512 b0 = _mm512_loadu_ps(bn), b1 = _mm512_loadu_ps(bn + 16);
+    const __m512 neg2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps();
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    alignas(64) float dd[NR];
+    for (int64_t r = 0; r < m; ++r) {
+      const __m512 c0 = _mm512_loadu_ps(cb + r * NR), c1 = _mm512_loadu_ps(cb + r * NR + 16);
+      __m512 d0, d1;
+      if (metric_ == kL2) {
+        const __m512 s = _mm512_set1_ps(qn[r]);
+        d0 = _mm512_max_ps(zero, _mm512_fmadd_ps(neg2, c0, _mm512_add_ps(s, b0)));
+        d1 = _mm512_max_ps(zero, _mm512_fmadd_ps(neg2, c1, _mm512_add_ps(s, b1)));
+      } else {
+        d0 = _mm512_xor_ps(c0, sign);
+        d1 = _mm512_xor_ps(c1, sign);
+      }
+      const __m512 t = _mm512_set1_ps(L.thr[r]);
+      const uint32_t hit = static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(m0, d0, t, _CMP_LT_OQ)) |
+                           (static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(m1, d1, t, _CMP_LT_OQ)) << 16);
+      if (!hit) continue;
+      _mm512_store_ps(dd, d0);
+      _mm512_store_ps(dd + 16, d1);
+      for (uint32_t h = hit; h; h &= h - 1) {
+        const int j = __builtin_ctz(h);
+        push(w, L, r, dd[j], col0 + j);
+      }
+    }
+  }
+#endif
+
+  // ---------------------------------------------------------------------------------------
+  // Large batches: query tiles (per thread) × shared packed bank chunks
+  // ---------------------------------------------------------------------------------------
+  void run_query_tiles() {
+    const gemm::Kernel& kr = kr_;
+    const int64_t mr = kr.mr;
+    // Tile rows: the packed query tile (Mt x D fp32) within ~1 MiB of L2, at most 252 rows, and
+    // no more than an even share of the batch.
+    int64_t nb = (int64_t(1) << 20) / std::max<int64_t>(1, D_ * 4 * mr);
+    nb = std::max<int64_t>(1, std::min<int64_t>(nb, 252 / mr));
+    const int64_t share = (N_ + nthreads_ - 1) / nthreads_;
+    nb = std::max<int64_t>(1, std::min<int64_t>(nb, (share + mr - 1) / mr));
+    const int64_t Mt = nb * mr;
+    // Query block: packed tiles of up to ~32 MiB; bank chunk: ~4 MiB of packed panels.
+    const int64_t tile_words = Mt * D_;
+    const int64_t tiles_per_block = std::max<int64_t>(1, (int64_t(32) << 20) / (tile_words * 4));
+    const int64_t ntiles_total = (N_ + Mt - 1) / Mt;
+    const int64_t tpb = std::min(tiles_per_block, ntiles_total);
+    const int64_t panels_total = (M_ + NR - 1) / NR;
+    const int64_t panel_words = D_ * NR;
+    // (OOD_FAST_KNN_CHUNK_BYTES overrides the chunk size: tests use it to cross chunk boundaries.)
+    int64_t chunk_bytes = int64_t(64) << 20;
+    if (const char* env = std::getenv("OOD_FAST_KNN_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
+    const int64_t chunk_panels =
+        std::max<int64_t>(1, std::min<int64_t>(panels_total, chunk_bytes / (panel_words * 4)));
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_, ntiles_total)));
+
+    gemm::Buffer<uint32_t> Ablock(static_cast<size_t>(tpb * tile_words));
+    gemm::Buffer<float> chunk(static_cast<size_t>(chunk_panels * panel_words));
+    gemm::Buffer<float> chunk_nrm(static_cast<size_t>(chunk_panels * NR));
+    std::vector<float> qn(static_cast<size_t>(tpb * Mt));
+    std::vector<int64_t> count(static_cast<size_t>(N_), 0);
+    std::vector<float> thr(static_cast<size_t>(N_), kInf);
+    std::vector<Work> work(nt);
+    for (auto& w : work) alloc_work(w, Mt, false);
+
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      Work& w = work[omp_get_thread_num()];
+#else
+      Work& w = work[0];
+#endif
+      for (int64_t t0 = 0; t0 < ntiles_total; t0 += tpb) {
+        const int64_t tiles = std::min(tpb, ntiles_total - t0);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n0 = (t0 + t) * Mt, m = std::min(Mt, N_ - n0);
+          pack_queries(kr, w, Ablock.data() + t * tile_words, n0, m, qn.data() + t * Mt);
+        }
+        for (int64_t p0 = 0; p0 < panels_total; p0 += chunk_panels) {
+          const int64_t np = std::min(chunk_panels, panels_total - p0);
+#pragma omp for schedule(static)
+          for (int64_t p = 0; p < np; ++p) {
+            std::fill(chunk_nrm.data() + p * NR, chunk_nrm.data() + (p + 1) * NR, 0.0f);
+            pack_b((p0 + p) * NR, 0, D_, chunk.data() + p * panel_words, chunk_nrm.data() + p * NR);
+          }
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t n0 = (t0 + t) * Mt, m = std::min(Mt, N_ - n0);
+            const int64_t n_micro = (m + mr - 1) / mr;
+            const uint32_t* A = Ablock.data() + t * tile_words;
+            Lists L{reinterpret_cast<uint64_t*>(out_i_ + n0 * k_), k_, count.data() + n0, thr.data() + n0};
+            for (int64_t p = 0; p < np; ++p) {
+              const uint32_t* Bp = reinterpret_cast<const uint32_t*>(chunk.data() + p * panel_words);
+              gemm::panel_gemm(kr, A, D_, n_micro, Bp, D_, w.cbuf.data());
+              epilogue(w, L, qn.data() + t * Mt, chunk_nrm.data() + p * NR, m, (p0 + p) * NR);
+            }
+            for (int64_t r = 0; r < m; ++r) flush(w, L, r);
+          }
+        }
+      }
+    }
+    std::vector<int64_t> scratch;
+    for (int64_t n = 0; n < N_; ++n) {
+      topk::decode_keys(out_d_ + n * k_, out_i_ + n * k_, count[n]);
+      topk::fill_missing(out_d_ + n * k_, out_i_ + n * k_, count[n], k_, scratch);
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Small batches: the bank split between threads, private lists, merged at the end
+  // ---------------------------------------------------------------------------------------
+  void run_bank_split() {
+    gemm::Kernel kr = kr_;
+#ifdef OOD_FAST_X86
+    if (avx512_ && N_ <= 14) {
+      kr.mr = static_cast<int>(N_);
+      kr.ukr = ukr_f32_rows(kr.mr);
+    }
+#endif
+    const int64_t mr = kr.mr;
+    const int64_t n_micro = (N_ + mr - 1) / mr;
+    const int64_t rows = n_micro * mr;
+    const int64_t panels_total = (M_ + NR - 1) / NR;
+    // Each thread gets a contiguous range of panels; no fewer than ~64 panels per thread.
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_, panels_total / 64)));
+    std::vector<Work> work(nt);
+    for (auto& w : work) alloc_work(w, rows, true);
+    std::vector<float> qn(static_cast<size_t>(rows), 0.0f);
+    pack_queries(kr, work[0], work[0].A.data(), 0, N_, qn.data());
+    for (int t = 1; t < nt; ++t) std::copy(work[0].A.data(), work[0].A.data() + rows * D_, work[t].A.data());
+
+    // Thread 0 writes straight into the output; the others into private lists.
+    std::vector<std::vector<uint64_t>> pk(nt);
+    std::vector<std::vector<int64_t>> pcount(nt);
+    std::vector<std::vector<float>> pthr(nt);
+    for (int t = 0; t < nt; ++t) {
+      if (t > 0) pk[t].resize(static_cast<size_t>(N_ * k_));
+      pcount[t].assign(static_cast<size_t>(N_), 0);
+      pthr[t].assign(static_cast<size_t>(N_), kInf);
+    }
+    const int64_t kc = kr.kc;
+    const int64_t flush_every = 64;  // panels between flushes
+
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      const int tid = omp_get_thread_num();
+#else
+      const int tid = 0;
+#endif
+      Work& w = work[tid];
+      const int64_t pb = panels_total * tid / nt, pe = panels_total * (tid + 1) / nt;
+      Lists L{tid == 0 ? reinterpret_cast<uint64_t*>(out_i_) : pk[tid].data(), k_, pcount[tid].data(),
+              pthr[tid].data()};
+      const uint32_t* A = w.A.data();
+      float* B = w.bbuf.data();
+      for (int64_t p = pb; p < pe; ++p) {
+        const int64_t r0 = p * NR;
+        if (p + 1 < pe) {  // the next panel's rows, into L2 while this one is computed
+          const char* nx = bank_ + static_cast<size_t>(r0 + NR) * row_bytes_;
+          const size_t bytes = static_cast<size_t>(std::min<int64_t>(NR, M_ - r0 - NR)) * row_bytes_;
+          for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(nx + off, 0, 1);
+        }
+        std::fill(w.nrm, w.nrm + NR, 0.0f);
+        for (int64_t s0 = 0; s0 < D_; s0 += kc) {
+          const int64_t ks = std::min(kc, D_ - s0);
+          pack_b(r0, s0, ks, B, w.nrm);
+          for (int64_t i = 0; i < n_micro; ++i)
+            kr.ukr(ks, A + i * D_ * mr + s0 * mr, reinterpret_cast<const uint32_t*>(B), w.cbuf.data() + i * mr * NR,
+                   s0 > 0);
+        }
+        epilogue(w, L, qn.data(), w.nrm, N_, r0);
+        if ((p - pb + 1) % flush_every == 0)
+          for (int64_t r = 0; r < N_; ++r) flush(w, L, r);
+      }
+      for (int64_t r = 0; r < N_; ++r) flush(w, L, r);
+    }
+    // Merge the private lists into the output (thread order = index order, but the merge
+    // compares (d, index) anyway).
+    std::vector<uint64_t> merged(static_cast<size_t>(k_));
+    std::vector<int64_t> scratch;
+    for (int64_t n = 0; n < N_; ++n) {
+      float* od = out_d_ + n * k_;
+      int64_t* oi = out_i_ + n * k_;
+      uint64_t* ok = reinterpret_cast<uint64_t*>(oi);
+      int64_t cnt = pcount[0][n];
+      for (int t = 1; t < nt; ++t) {
+        cnt = topk::merge_key_lists(ok, cnt, pk[t].data() + n * k_, pcount[t][n], k_, merged.data());
+        std::copy(merged.begin(), merged.begin() + cnt, ok);
+      }
+      topk::decode_keys(od, oi, cnt);
+      topk::fill_missing(od, oi, cnt, k_, scratch);
+    }
+  }
+
+  const void* q_;
+  int qt_;
+  int64_t N_;
+  const char* bank_;
+  int bt_;
+  int64_t M_, D_, k_;
+  int metric_;
+  float* out_d_;
+  int64_t* out_i_;
+  int nthreads_;
+  bool avx512_ = false;
+  gemm::Kernel kr_;
+  int cap_ = 16;
+  size_t row_bytes_ = 0;
+};
+
+void knn(uintptr_t q_ptr, const std::string& q_dtype, int64_t N, uintptr_t bank_ptr, const std::string& bank_dtype,
+         int64_t M, int64_t D, int64_t k, int metric, bool exact, uintptr_t out_d_ptr, uintptr_t out_i_ptr,
+         int num_threads) {
+  (void)exact;  // reduced-precision banks are upcast exactly while packed: always exact
+  const int qt = parse_dtype(q_dtype, "query");
+  const int bt = parse_dtype(bank_dtype, "bank");
+  if (N < 0 || M < 1 || D < 1) throw std::invalid_argument("knn: need N >= 0, M >= 1, D >= 1");
+  if (k < 1 || k > M) throw std::invalid_argument("knn: need 1 <= k <= M");
+  if (metric != kL2 && metric != kIP) throw std::invalid_argument("knn: metric must be 0 (l2) or 1 (ip)");
+  if (M > int64_t(0xffffffff)) throw std::invalid_argument("knn: banks of more than 2^32 - 1 rows are not supported");
+  if (N == 0) return;
+  if (!q_ptr || !bank_ptr || !out_d_ptr || !out_i_ptr) throw std::invalid_argument("knn: null pointer");
+  Search s(reinterpret_cast<const void*>(q_ptr), qt, N, reinterpret_cast<const char*>(bank_ptr), bt, M, D, k, metric,
+           reinterpret_cast<float*>(out_d_ptr), reinterpret_cast<int64_t*>(out_i_ptr), num_threads);
+  s.run();
+}
+
+}  // namespace
+}  // namespace ood_fast
+
+void bind_knn(py::module_& m) {
+  m.def("knn", &ood_fast::knn, py::arg("q_ptr"), py::arg("q_dtype"), py::arg("N"), py::arg("bank_ptr"),
+        py::arg("bank_dtype"), py::arg("M"), py::arg("D"), py::arg("k"), py::arg("metric"), py::arg("exact"),
+        py::arg("out_d_ptr"), py::arg("out_i_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "Exact k nearest bank rows of each query (see csrc/cpu/knn.cpp). queries [N, D], bank [M, D] "
+        "(f32|f16|bf16, contiguous); metric 0: squared l2, 1: negated inner product; out_d [N, k] float32, "
+        "out_i [N, k] int64, ascending, ties by lower index.");
+}
