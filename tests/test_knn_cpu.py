@@ -150,7 +150,9 @@ def test_reduced_precision_bank_exact_equals_fp32_search(bdt, qdt, N, metric):
     rd, ri = knn_ops.knn(q, b, 50, metric, backend="torch")
     assert_knn_equal(d, i, rd, ri, atol=_atol(q.float(), b.float(), metric))
     d2, i2 = knn_ops.knn(q, b, 50, metric, exact=False, backend="cpu")
-    recall = np.mean([len(set(a.tolist()) & set(c.tolist())) / 50 for a, c in zip(i2, ri)])
+    recall = np.mean(
+        [len(set(a.tolist()) & set(c.tolist())) / 50 for a, c in zip(i2, ri, strict=True)]
+    )
     assert recall >= 0.99
 
 
@@ -163,7 +165,7 @@ def test_threads_identical(monkeypatch):
         out[nt] = [
             knn_ops.knn(x, b, k, "l2", backend="cpu") for x in (q, qs) for k in (1, 50, 1000)
         ]
-    for a, c in zip(out[1], out[2]):
+    for a, c in zip(out[1], out[2], strict=True):
         assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
 
 
