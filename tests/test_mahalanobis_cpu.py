@@ -303,14 +303,26 @@ def _isas(precision):
         isas.append("avx512f")
     if precision == "bf16" and feats["avx512bf16"]:
         isas.append("avx512bf16")
+    if precision == "bf16" and _amx_available():
+        isas.append("amx")
     return isas
+
+
+def _amx_available() -> bool:
+    """Whether FusedDistance accepts isa="amx" here (AMX-BF16 CPU and OS permission)."""
+    plan = problem(3, 2, "tied-tri")[-1]
+    try:
+        _make(plan, "bf16", "amx")
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["tied-tri", "class-dense", "diag"])
 @pytest.mark.parametrize("D", [1, 3, 33, 127])
 def test_every_kernel(D, kind, precision):
-    """Each micro-kernel this CPU can run (portable fallback, AVX-512 fp32, AVX512-BF16) agrees."""
+    """Each micro-kernel this CPU can run (portable fallback, AVX-512 fp32, AVX512-BF16, AMX) agrees."""
     C = 37
     means, factors, inv_var, grp, plan = problem(D, C, kind)
     x = features(300, means, seed=13)

@@ -12,9 +12,13 @@
 //   * C: [M][32] floats, row-major, one panel wide.
 //
 // Kernels: AVX-512F fp32 (14 x 32 register block, FMA with broadcast A), AVX512-BF16 (14 x 32,
-// vdpbf16ps on k pairs, fp32 accumulation), and a portable fallback (4 x 32, plain loops the
-// compiler vectorizes for the baseline ISA). Picked at run time (simd.h); each ISA-specific
-// function carries its own target attribute, so the file builds without -march flags.
+// vdpbf16ps on k pairs, fp32 accumulation), AMX-BF16 (32 x 32 block of four 16 x 16 fp32 tiles,
+// tdpbf16ps; its own A layout, see pack_a_panel_amx, and k-steps padded to 16; B is the same
+// bf16-pair panel, i.e. the VNNI layout AMX wants), and a portable fallback (4 x 32, plain loops
+// the compiler vectorizes for the baseline ISA). Picked at run time (simd.h); each ISA-specific
+// function carries its own target attribute, so the file builds without -march flags. The AMX
+// kernel needs the tile configuration loaded on each thread that runs it (AmxScope); bf16
+// precision picks it wherever the CPU has AMX-BF16 and Linux grants the tile state.
 // vdpbf16ps is used only where a one-off timing shows it outrunning fp32 FMA (on some
 // AVX512-BF16 parts it issues at a quarter of the FMA rate); elsewhere bf16 precision runs the
 // fp32 kernel on bf16-rounded operands, which gives the same products and the same fp32 sums.
@@ -48,6 +52,8 @@
 #define OOD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 #define OOD_TARGET_AVX512BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+#define OOD_TARGET_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16,amx-tile,amx-bf16")))
 
 namespace ood_fast {
 namespace gemm {
@@ -232,13 +238,76 @@ OOD_TARGET_AVX512BF16 void ukr_bf16_avx512(int64_t kc, const uint32_t* A, const 
   }
 }
 
+// AMX-BF16: C[32 x 32] (+)= A[32 x 2kc] * B[2kc x 32] with 4 C tiles (16 x 16 fp32), 2 A tiles
+// (16 rows x 32 bf16) and 2 B tiles (16 k-pairs x 16 columns, the VNNI pair layout). Products of
+// bf16 operands are exact in fp32 and accumulate in fp32 (in a different order than vdpbf16ps).
+//   A (AMX layout, see pack_a_panel_amx): [kc / 16 blocks][32 rows][16 words], one A tile = one
+//     contiguous 1 KiB half block; kc must be a multiple of 16.
+//   B: the ordinary bf16-pair panel [kc][32] words; a B tile is 16 of its rows, 64 of the 128
+//     bytes of each (columns 0-15 or 16-31), loaded with a 128-byte stride.
+// The tile configuration (amx_configure) must be loaded on the calling thread first.
+struct AmxTileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(AmxTileConfig) == 64, "AMX tile configuration is 64 bytes");
+
+OOD_TARGET_AMX inline void amx_configure() {
+  alignas(64) AmxTileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // Inline asm with the whole struct as an input: GCC 12's _tile_loadconfig does not tell the
+  // compiler it reads the struct, and the colsb / rows stores above were dropped as dead.
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+}
+
+OOD_TARGET_AMX inline void amx_release() { _tile_release(); }
+
+OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uint32_t* B, float* C, bool accum) {
+  constexpr int ldc = NR * 4;  // bytes per C row
+  if (accum) {
+    _tile_loadd(0, C, ldc);
+    _tile_loadd(1, C + 16, ldc);
+    _tile_loadd(2, C + 16 * NR, ldc);
+    _tile_loadd(3, C + 16 * NR + 16, ldc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < kc; s += 16) {
+    _tile_loadd(4, A, 64);
+    _tile_loadd(5, A + 16 * 16, 64);
+    _tile_loadd(6, B, NR * 4);
+    _tile_loadd(7, B + 16, NR * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    A += 32 * 16;
+    B += 16 * NR;
+  }
+  _tile_stored(0, C, ldc);
+  _tile_stored(1, C + 16, ldc);
+  _tile_stored(2, C + 16 * NR, ldc);
+  _tile_stored(3, C + 16 * NR + 16, ldc);
+}
+
 #endif  // OOD_FAST_X86
 
 // ------------------------------------------------------------------------------------------
 // Kernel selection
 // ------------------------------------------------------------------------------------------
 
-enum class Isa { Generic, Avx512, Avx512Bf16 };
+enum class Isa { Generic, Avx512, Avx512Bf16, Amx };
 
 struct Kernel {
   Isa isa = Isa::Generic;
@@ -267,6 +336,18 @@ inline Kernel avx512bf16_kernel() {
   k.bf16_words = true;
   k.kc = 192;
   k.ukr = &ukr_bf16_avx512<14>;
+  return k;
+}
+
+// AMX-BF16 (32 x 32 blocks; k-steps padded to multiples of 16). Only where cpu_has_amx_bf16().
+// Callers hold an AmxScope on every thread that runs its micro-kernel.
+inline Kernel amx_kernel() {
+  Kernel k;
+  k.isa = Isa::Amx;
+  k.mr = 32;
+  k.bf16_words = true;
+  k.kc = 128;
+  k.ukr = &ukr_bf16_amx;
   return k;
 }
 
@@ -312,6 +393,7 @@ inline bool bf16_dot_pays() {
 // kept as fp32 words (the same products, exact in fp32, and the same fp32 sums).
 inline Kernel select_kernel(bool bf16) {
 #ifdef OOD_FAST_X86
+  if (bf16 && cpu_has_amx_bf16()) return amx_kernel();
   if (bf16 && cpu_has_avx512bf16() && bf16_dot_pays()) return avx512bf16_kernel();
   if (cpu_has_avx512f()) return avx512_kernel();
 #endif
@@ -319,7 +401,27 @@ inline Kernel select_kernel(bool bf16) {
   return generic_kernel();
 }
 
-inline int64_t ksteps(const Kernel& kr, int64_t K) { return kr.bf16_words ? (K + 1) / 2 : K; }
+inline int64_t ksteps(const Kernel& kr, int64_t K) {
+  if (kr.isa == Isa::Amx) return ((K + 1) / 2 + 15) / 16 * 16;  // whole 16-step tiles, zero-padded
+  return kr.bf16_words ? (K + 1) / 2 : K;
+}
+
+// Loads and releases the AMX tile configuration on the current thread (no-op for other kernels).
+struct AmxScope {
+  bool on;
+  explicit AmxScope(const Kernel& kr) : on(kr.isa == Isa::Amx) {
+#ifdef OOD_FAST_X86
+    if (on) amx_configure();
+#endif
+  }
+  ~AmxScope() {
+#ifdef OOD_FAST_X86
+    if (on) amx_release();
+#endif
+  }
+  AmxScope(const AmxScope&) = delete;
+  AmxScope& operator=(const AmxScope&) = delete;
+};
 
 // ------------------------------------------------------------------------------------------
 // Packing
@@ -475,12 +577,50 @@ OOD_TARGET_AVX512 inline void pack_a_panel_f32_avx512(int mr, uint32_t* dst, con
     for (int j = 0; j < kv; ++j) _mm512_mask_storeu_ps(out + (k0 + j) * mr, smask, v[j]);
   }
 }
+// fp32 lanes -> bf16 bits (round to nearest even, quiet NaN), bit-exact with f32_to_bf16.
+OOD_TARGET_AVX512 inline __m256i f32_to_bf16_avx512(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// Packs one 32-row micro-panel in the AMX A layout: [a_steps / 16 blocks][32 rows][16 words],
+// word s of a row = bf16(row[2s]) | bf16(row[2s + 1]) << 16 (i.e. the row's bf16 values in
+// order). Values past K and rows past m_rows are zero.
+OOD_TARGET_AVX512 inline void pack_a_panel_amx(uint32_t* dst, const float* rows, int64_t ld, int64_t m_rows,
+                                               int64_t K, int64_t a_steps) {
+  const int64_t nblk = a_steps / 16;
+  for (int64_t r = 0; r < 32; ++r) {
+    const float* row = rows + r * ld;
+    for (int64_t b = 0; b < nblk; ++b) {
+      uint32_t* out = dst + b * 512 + r * 16;
+      if (r >= m_rows) {
+        _mm512_store_si512(out, _mm512_setzero_si512());
+        continue;
+      }
+      const int64_t k0 = b * 32;
+      const int64_t n0 = std::max<int64_t>(0, std::min<int64_t>(16, K - k0));
+      const int64_t n1 = std::max<int64_t>(0, std::min<int64_t>(16, K - k0 - 16));
+      const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n0) - 1u), row + k0);
+      const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n1) - 1u), row + k0 + 16);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out), f32_to_bf16_avx512(lo));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8), f32_to_bf16_avx512(hi));
+    }
+  }
+}
 #endif  // OOD_FAST_X86
 
 // Packs micro-panel i of an A tile from row-major fp32 rows (m_rows valid rows, the rest zero).
 inline void pack_a_panel(const Kernel& kr, uint32_t* Ap, int64_t a_steps, int64_t i, const float* rows,
                          int64_t ld, int64_t m_rows, int64_t K, bool round) {
 #ifdef OOD_FAST_X86
+  if (kr.isa == Isa::Amx) {  // always bf16-rounded
+    pack_a_panel_amx(Ap + i * a_steps * kr.mr, rows, ld, m_rows, K, a_steps);
+    return;
+  }
   if (!kr.bf16_words && kr.isa != Isa::Generic && kr.mr <= 16) {
     pack_a_panel_f32_avx512(kr.mr, Ap + i * a_steps * kr.mr, rows, ld, m_rows, K, round);
     return;

@@ -263,11 +263,14 @@ class FusedDistance {
       kr_ = gemm::avx512_kernel();
     } else if (isa == "avx512bf16" && bf16 && cpu_has_avx512bf16()) {
       kr_ = gemm::avx512bf16_kernel();
+    } else if (isa == "amx" && bf16 && cpu_has_amx_bf16()) {
+      kr_ = gemm::amx_kernel();
 #endif
     } else {
       throw std::invalid_argument("FusedDistance: isa '" + isa +
                                   "' is not available (choose auto, generic, avx512f where the CPU has "
-                                  "AVX-512, avx512bf16 with bf16=True where it has AVX512-BF16)");
+                                  "AVX-512, avx512bf16 with bf16=True where it has AVX512-BF16, amx with "
+                                  "bf16=True where it has AMX-BF16)");
     }
     avx512_ = kr_.isa != gemm::Isa::Generic;
     a_steps_ = gemm::ksteps(kr_, E);
@@ -385,6 +388,7 @@ class FusedDistance {
       const int tid = 0;
 #endif
       Work& w = work[tid];
+      const gemm::AmxScope amx(kr_);  // tile configuration for this thread (AMX kernel only)
       // Dynamic tiles with one tile of lookahead: a thread claims its next tile before working
       // on the current one, so it can prefetch the next tile's rows of x meanwhile. (Results do
       // not depend on the assignment: tile boundaries are fixed, rows are independent.)
@@ -425,6 +429,7 @@ class FusedDistance {
 
   std::string isa() const {
     switch (kr_.isa) {
+      case gemm::Isa::Amx: return "amx";
       case gemm::Isa::Avx512Bf16: return "avx512bf16";
       case gemm::Isa::Avx512: return "avx512f";
       default: return "generic";
@@ -561,12 +566,13 @@ void bind_mahalanobis(py::module_& m) {
            py::arg("isa") = "auto",
            "Copy and pack center [E], factors [G, E, E] (0, G = 0: none), proj [E, C], const [C], group [C] "
            "(float32 / int64, contiguous). isa: 'auto' (fastest here), or force 'generic' (portable), 'avx512f', "
-           "'avx512bf16' (vdpbf16ps; bf16=True only).")
+           "'avx512bf16' (vdpbf16ps; bf16=True only), 'amx' (AMX-BF16 tiles; bf16=True only; 'auto' picks it "
+           "for bf16 where available).")
       .def("run", &FusedDistance::run, py::arg("x_ptr"), py::arg("x_dtype"), py::arg("N"), py::arg("reduce"),
            py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("idx_ptr"), py::arg("num_threads"),
            py::call_guard<py::gil_scoped_release>(),
            "x [N, E] (f32|f16|bf16); reduce 0 none (out [N, C]), 1 min (out [N], idx [N] int64), "
            "2 logsumexp (out [N]); bias [C] float32 or 0.")
-      .def_property_readonly("isa", &FusedDistance::isa, "Kernel in use: avx512bf16, avx512f or generic.")
+      .def_property_readonly("isa", &FusedDistance::isa, "Kernel in use: amx, avx512bf16, avx512f or generic.")
       .def_property_readonly("tile_rows", &FusedDistance::tile_rows, "Rows of x per tile.");
 }
