@@ -1184,7 +1184,7 @@ def _knn_ours(backend: str, precision: str, k: int, ks, case: str) -> KNNCandida
         name=name,
         kind="ours",
         case=case,
-        fit_key=f"ours:{backend}:{precision}",
+        fit_key=f"ours:{backend}:{precision}:k{k}",  # the model carries its k
         fit=fit,
         score=score,
         backend=backend,
