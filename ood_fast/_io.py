@@ -117,3 +117,13 @@ def load(path):
         known = ", ".join(sorted(REGISTRY)) or "none"
         raise ValueError(f"{os.fspath(path)}: unknown estimator kind {kind!r} (known: {known})")
     return cls._from_state(settings, tensors)
+
+
+def load_as(cls, path):
+    """``cls.load(path)``: read ``path`` and rebuild it as ``cls``, which must be its kind."""
+    kind, settings, tensors = load_estimator(path)
+    if kind != getattr(cls, "_kind", None):
+        raise ValueError(
+            f"{os.fspath(path)}: holds a {kind!r} estimator, not {cls._kind!r}: use ood_fast.load"
+        )
+    return cls._from_state(settings, tensors)

@@ -63,3 +63,44 @@ inline bool sync_after_launch() {
         ::ood_fast::cuda::throw_cuda(ood_err_, "execution of " name, __FILE__, __LINE__); \
     }                                                                          \
   } while (0)
+
+namespace ood_fast::cuda {
+
+struct DeviceGuard {  // make `dev` current in this runtime for the call, restore afterwards
+  int prev = -1;
+  explicit DeviceGuard(int dev) {
+    OOD_CUDA_CHECK(cudaGetDevice(&prev));
+    if (prev != dev) OOD_CUDA_CHECK(cudaSetDevice(dev));
+    else prev = -1;
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
+
+struct Workspace {  // stream-ordered device scratch memory
+  void* ptr = nullptr;
+  cudaStream_t stream = nullptr;
+  bool pooled = true;
+  Workspace(size_t bytes, cudaStream_t st, bool use_pool) : stream(st), pooled(use_pool) {
+    if (bytes == 0) return;
+    if (pooled) OOD_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
+    else OOD_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+  }
+  ~Workspace() {
+    if (ptr == nullptr) return;
+    if (pooled) {
+      cudaFreeAsync(ptr, stream);
+    } else {
+      cudaStreamSynchronize(stream);  // the kernels using ptr must finish first
+      cudaFree(ptr);
+    }
+    (void)cudaGetLastError();  // errors here are already reported (or unreportable)
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+};
+
+}  // namespace ood_fast::cuda

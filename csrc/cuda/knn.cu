@@ -561,43 +561,6 @@ dist_kernel(const float* __restrict__ Q, const float* __restrict__ qnorm, int N,
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-struct DeviceGuard {  // make `dev` current in this runtime for the call, restore afterwards
-  int prev = -1;
-  explicit DeviceGuard(int dev) {
-    OOD_CUDA_CHECK(cudaGetDevice(&prev));
-    if (prev != dev) OOD_CUDA_CHECK(cudaSetDevice(dev));
-    else prev = -1;
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-};
-
-struct Workspace {  // stream-ordered device scratch memory
-  void* ptr = nullptr;
-  cudaStream_t stream = nullptr;
-  bool pooled = true;
-  Workspace(size_t bytes, cudaStream_t st, bool use_pool) : stream(st), pooled(use_pool) {
-    if (bytes == 0) return;
-    if (pooled) OOD_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
-    else OOD_CUDA_CHECK(cudaMalloc(&ptr, bytes));
-  }
-  ~Workspace() {
-    if (ptr == nullptr) return;
-    if (pooled) {
-      cudaFreeAsync(ptr, stream);
-    } else {
-      cudaStreamSynchronize(stream);  // the kernels using ptr must finish first
-      cudaFree(ptr);
-    }
-    (void)cudaGetLastError();  // errors here are already reported (or unreportable)
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-};
-
 inline long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
 inline size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 

@@ -1002,13 +1002,7 @@ class Mahalanobis:
     @classmethod
     def load(cls, path):
         """Load an estimator of this class saved with ``save`` (no code is executed)."""
-        _io._ensure_registered()
-        kind, settings, tensors = _io.load_estimator(path)
-        if kind != getattr(cls, "_kind", None):
-            raise ValueError(
-                f"{path}: holds a {kind!r} estimator, not {cls._kind!r}: use ood_fast.load"
-            )
-        return cls._from_state(settings, tensors)
+        return _io.load_as(cls, path)
 
     @classmethod
     def _from_state(cls, settings: dict, tensors: dict, prefix: str = ""):
@@ -1334,12 +1328,7 @@ class MultiLayerMahalanobis:
 
     @classmethod
     def load(cls, path):
-        kind, settings, tensors = _io.load_estimator(path)
-        if kind != cls._kind:
-            raise ValueError(
-                f"{path}: holds a {kind!r} estimator, not {cls._kind!r}: use ood_fast.load"
-            )
-        return cls._from_state(settings, tensors)
+        return _io.load_as(cls, path)
 
     @classmethod
     def _from_state(cls, settings, tensors):

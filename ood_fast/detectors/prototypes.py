@@ -281,12 +281,7 @@ class Prototypes:
     @classmethod
     def load(cls, path):
         """Load a ``Prototypes`` saved with ``save`` (no code is executed)."""
-        kind, settings, tensors = _io.load_estimator(path)
-        if kind != cls._kind:
-            raise ValueError(
-                f"{path}: holds a {kind!r} estimator, not {cls._kind!r}: use ood_fast.load"
-            )
-        return cls._from_state(settings, tensors)
+        return _io.load_as(cls, path)
 
     @classmethod
     def _from_state(cls, settings: dict, tensors: dict):
