@@ -79,7 +79,13 @@ step gpu_bench gpu_bench.log 180 "$PY" -m ood_fast bench --gpu --no-progress \
     --json "$OUT/gpu_results.json" || true
 
 # 4. correctness on the device: CUDA tests, then Triton natively
-step pytest_gpu tests.log 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider || true
+# quick selections first (the full CUDA grids hold ~1,000 cases), then the remaining gpu tests
+step pytest_gpu_quick tests.log 120 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_mahalanobis_cuda.py -k "D33 or D2048-C37 or ties or chunks or determin" || true
+step pytest_knn_quick tests.log 90 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_knn_cuda.py -k quick || true
+step pytest_gpu_rest tests.log 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
+    --ignore=tests/test_mahalanobis_cuda.py --ignore=tests/test_knn_cuda.py || true
 step pytest_triton tests.log 120 "$PY" -m pytest -m triton tests -q -p no:cacheprovider || true
 
 # 5. the estimators end to end on every backend, with the CPU peers (seconds)
