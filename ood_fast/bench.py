@@ -685,26 +685,10 @@ def run_candidate(
         )
         row["fit_s"] = fit_t.median
         row["fit_timing"] = fit_t.as_dict()
-        rows_idx = None
-        if cand.sliced:
-            # probe on a minimal slice, then size the slice so warm-up + repeats fit the budget
-            probe = slice_rows(N, cand.min_rows)
-            px = test_x[probe.to(dev)]
-            _sync(dev)
-            t0 = time.perf_counter()
-            cand.score(model, px)
-            _sync(dev)
-            per_row = max(time.perf_counter() - t0, 1e-9) / len(probe)
-            runs = max(1, min(repeats, 3)) + 1
-            n = int(budget / runs / per_row)
-            n = max(len(probe), (n // cand.min_rows) * cand.min_rows)
-            if n < N:
-                rows_idx = slice_rows(N, n)
-        x_timed = test_x if rows_idx is None else test_x[rows_idx.to(dev)]
-        score_t, scores = time_call(
-            lambda: cand.score(model, x_timed), repeats=repeats, budget=budget, device=dev
+        score_t, scores, rows_idx = _time_scoring(
+            cand, model, test_x, repeats=repeats, budget=budget, dev=dev
         )
-        n_rows = x_timed.shape[0]
+        n_rows = N if rows_idx is None else len(rows_idx)
         scale = N / n_rows
         row["score_s"] = score_t.median * scale
         row["score_timing"] = score_t.as_dict()
