@@ -16,11 +16,12 @@
 // the threads; OOD_FAST_KNN_CHUNK_BYTES overrides, for tests), each thread multiplies its query
 // tiles (packed once per block of queries, in L2 while in use) by every panel of the chunk, and
 // the epilogue turns each 32-wide slab of dot products into distances, compares them with the
-// query's threshold (its current k-th distance) and collects the few that pass as 64-bit
-// (distance, index) keys; a buffer (up to min(k, 1024) keys per query of the tile) is radix-sorted
-// and merged into the query's sorted key list (kept in its int64 output row) when it fills and at
-// the end of each chunk. Only a tile × 32 block of distances exists at a time. Banks are limited
-// to 2^32 − 1 rows (the key's index half).
+// query's threshold (its current k-th distance) and compress-stores the few that pass as 64-bit
+// (distance, index) keys; when a buffer (up to min(k, 1024) keys per query of the tile) fills, and
+// at the end of each chunk, the k smallest keys of it and the query's kept set (unsorted, in its
+// int64 output row) are selected (topk::select_keys) and the threshold becomes the k-th key's
+// distance; each kept set is sorted once at the end. Only a tile × 32 block of distances exists
+// at a time. Banks are limited to 2^32 − 1 rows (the key's index half).
 // Small batches (fewer queries than two micro-panels): the bank is split between the threads,
 // each streams its part, packing 32 rows × one K block at a time into L1 (a GEMV in effect, with
 // a micro-kernel as tall as the batch), keeps private lists, and the lists are merged at the end.
@@ -214,6 +215,7 @@ class Search {
 #endif
     kr_ = avx512_ ? avx512_kernel() : gemm::generic_kernel();
     cap_ = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(16, k)));
+    cstride_ = cap_ + 32;
     row_bytes_ = static_cast<size_t>(D) * dtype_size(bt);
   }
 
@@ -258,10 +260,10 @@ class Search {
     w.cbuf.resize(static_cast<size_t>(tile_rows * NR));
     if (bbuf) w.bbuf.resize(static_cast<size_t>(kr_.kc * NR));
     w.rows.resize(static_cast<size_t>(kr_.mr * D_ + 16));
-    w.cand.resize(static_cast<size_t>(tile_rows * cap_));
+    w.cand.resize(static_cast<size_t>(tile_rows * cstride_));
     w.ncand.assign(static_cast<size_t>(tile_rows), 0);
-    w.sort_tmp.resize(static_cast<size_t>(cap_));
-    w.tmp.resize(static_cast<size_t>(k_));
+    w.sort_tmp.resize(static_cast<size_t>(std::max<int64_t>(cap_, k_)));
+    w.tmp.resize(static_cast<size_t>(k_ + cstride_));
   }
 
   // Packs queries [n0, n0 + m) into w.A (micro-panels of kr.mr rows) and their norms into qn.
@@ -283,18 +285,18 @@ class Search {
   void flush(Work& w, const Lists& L, int64_t r) const {
     const int32_t nc = w.ncand[r];
     if (!nc) return;
-    uint64_t* c = w.cand.data() + r * cap_;
-    topk::sort_keys(c, nc, w.sort_tmp.data());
+    uint64_t* c = w.cand.data() + r * cstride_;
     uint64_t* list = L.keys + r * L.stride;
-    L.count[r] = topk::merge_keys(list, L.count[r], k_, c, nc, w.tmp.data());
-    if (L.count[r] == k_) L.thr[r] = topk::from_ordered_bits(static_cast<uint32_t>(list[k_ - 1] >> 32));
+    uint64_t kth = 0;
+    L.count[r] = topk::select_keys(list, L.count[r], k_, c, nc, w.tmp.data(), &kth);
+    if (L.count[r] == k_) L.thr[r] = topk::from_ordered_bits(static_cast<uint32_t>(kth >> 32));
     w.ncand[r] = 0;
   }
 
   void push(Work& w, const Lists& L, int64_t r, float d, int64_t idx) const {
     if (!(d < L.thr[r])) return;  // re-checked: a flush may have lowered the threshold
     int32_t& nc = w.ncand[r];
-    w.cand[r * cap_ + nc] = topk::make_key(d + 0.0f, static_cast<uint32_t>(idx));  // +0.0f: no -0
+    w.cand[r * cstride_ + nc] = topk::make_key(d + 0.0f, static_cast<uint32_t>(idx));  // +0.0f: no -0
     if (++nc == cap_) flush(w, L, r);
   }
 
@@ -322,6 +324,18 @@ class Search {
   }
 
 #ifdef OOD_FAST_X86
+  // topk::ordered_bits on 16 lanes.
+  OOD_TARGET_AVX512 static __m512i ordered(__m512 d) {
+    const __m512i u = _mm512_castps_si512(d);
+    const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(u, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    return _mm512_xor_si512(u, flip);
+  }
+  OOD_TARGET_AVX512 static int store_keys(uint64_t* dst, __m256i o, __mmask8 h, __m512i idx) {
+    // (compress in a register + full store: dst has room for 8 more words past any hit count)
+    const __m512i key = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(o), 32), idx);
+    _mm512_storeu_si512(dst, _mm512_maskz_compress_epi64(h, key));
+    return __builtin_popcount(h);
+  }
   OOD_TARGET_AVX512 void epilogue_avx512(Work& w, const Lists& L, const float* qn, int64_t m, int64_t col0, int nc,
                                          const float* cb, const float* bn) const {
     const __mmask16 m0 = nc >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << nc) - 1u);
@@ -329,7 +343,9 @@ class Search {
     const __m512 b0 = _mm512_loadu_ps(bn), b1 = _mm512_loadu_ps(bn + 16);
     const __m512 neg2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps();
     const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u)));
-    alignas(64) float dd[NR];
+    const __m512i base = _mm512_set1_epi64(col0);
+    const __m512i i0 = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), i8 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
+    const __m512i i16 = _mm512_add_epi64(i0, _mm512_set1_epi64(16)), i24 = _mm512_add_epi64(i0, _mm512_set1_epi64(24));
     for (int64_t r = 0; r < m; ++r) {
       const __m512 c0 = _mm512_loadu_ps(cb + r * NR), c1 = _mm512_loadu_ps(cb + r * NR + 16);
       __m512 d0, d1;
@@ -342,15 +358,20 @@ class Search {
         d1 = _mm512_xor_ps(c1, sign);
       }
       const __m512 t = _mm512_set1_ps(L.thr[r]);
-      const uint32_t hit = static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(m0, d0, t, _CMP_LT_OQ)) |
-                           (static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(m1, d1, t, _CMP_LT_OQ)) << 16);
-      if (!hit) continue;
-      _mm512_store_ps(dd, d0);
-      _mm512_store_ps(dd + 16, d1);
-      for (uint32_t h = hit; h; h &= h - 1) {
-        const int j = __builtin_ctz(h);
-        push(w, L, r, dd[j], col0 + j);
-      }
+      const __mmask16 h0 = _mm512_mask_cmp_ps_mask(m0, d0, t, _CMP_LT_OQ);
+      const __mmask16 h1 = _mm512_mask_cmp_ps_mask(m1, d1, t, _CMP_LT_OQ);
+      if (!(h0 | h1)) continue;
+      // Keys of the hits, compress-stored: (ordered distance bits << 32) | (col0 + j).
+      int32_t& ncr = w.ncand[r];
+      uint64_t* dst = w.cand.data() + r * cstride_ + ncr;
+      const __m512i o0 = ordered(_mm512_add_ps(d0, zero)), o1 = ordered(_mm512_add_ps(d1, zero));
+      int n = 0;
+      n += store_keys(dst + n, _mm512_castsi512_si256(o0), static_cast<__mmask8>(h0), _mm512_add_epi64(base, i0));
+      n += store_keys(dst + n, _mm512_extracti64x4_epi64(o0, 1), static_cast<__mmask8>(h0 >> 8), _mm512_add_epi64(base, i8));
+      n += store_keys(dst + n, _mm512_castsi512_si256(o1), static_cast<__mmask8>(h1), _mm512_add_epi64(base, i16));
+      n += store_keys(dst + n, _mm512_extracti64x4_epi64(o1, 1), static_cast<__mmask8>(h1 >> 8), _mm512_add_epi64(base, i24));
+      ncr += n;
+      if (ncr >= cap_) flush(w, L, r);
     }
   }
 #endif
@@ -427,11 +448,13 @@ class Search {
           }
         }
       }
-    }
-    std::vector<int64_t> scratch;
-    for (int64_t n = 0; n < N_; ++n) {
-      topk::decode_keys(out_d_ + n * k_, out_i_ + n * k_, count[n]);
-      topk::fill_missing(out_d_ + n * k_, out_i_ + n * k_, count[n], k_, scratch);
+      std::vector<int64_t> scratch;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N_; ++n) {
+        topk::sort_keys_full(reinterpret_cast<uint64_t*>(out_i_ + n * k_), count[n], w.sort_tmp.data());
+        topk::decode_keys(out_d_ + n * k_, out_i_ + n * k_, count[n]);
+        topk::fill_missing(out_d_ + n * k_, out_i_ + n * k_, count[n], k_, scratch);
+      }
     }
   }
 
@@ -502,7 +525,10 @@ class Search {
         if ((p - pb + 1) % flush_every == 0)
           for (int64_t r = 0; r < N_; ++r) flush(w, L, r);
       }
-      for (int64_t r = 0; r < N_; ++r) flush(w, L, r);
+      for (int64_t r = 0; r < N_; ++r) {
+        flush(w, L, r);
+        topk::sort_keys_full(L.keys + r * L.stride, L.count[r], w.sort_tmp.data());
+      }
     }
     // Merge the private lists into the output (thread order = index order, but the merge
     // compares (d, index) anyway).
@@ -535,6 +561,7 @@ class Search {
   bool avx512_ = false;
   gemm::Kernel kr_;
   int cap_ = 16;
+  int64_t cstride_ = 16 + 32;  // cap_ + room for one 32-wide row of hits
   size_t row_bytes_ = 0;
 };
 
