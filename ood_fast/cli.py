@@ -45,6 +45,18 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+def _report(res: dict, args) -> int:
+    """Print a bench result, write its JSON if asked; exit 0 when at least one of ours ran."""
+    from . import bench
+
+    print(res["table"])
+    if args.json:
+        bench.write_json(res, args.json)
+        print(f"\nwrote {args.json}")
+    ok = [r for r in res["rows"] if r["kind"] == "ours" and r.get("status") == "ok"]
+    return 0 if ok else 1
+
+
 def _csv(value: str, allowed, what: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
@@ -95,12 +107,7 @@ def cmd_bench(args) -> int:
         budget=budget,
         progress=not args.no_progress,
     )
-    print(res["table"])
-    if args.json:
-        bench.write_json(res, args.json)
-        print(f"\nwrote {args.json}")
-    ok = [r for r in res["rows"] if r["kind"] == "ours" and r.get("status") == "ok"]
-    return 0 if ok else 1
+    return _report(res, args)
 
 
 def _bench_knn(args) -> int:
@@ -147,12 +154,7 @@ def _bench_knn(args) -> int:
         k=args.k,
         progress=not args.no_progress,
     )
-    print(res["table"])
-    if args.json:
-        bench.write_json(res, args.json)
-        print(f"\nwrote {args.json}")
-    ok = [r for r in res["rows"] if r["kind"] == "ours" and r.get("status") == "ok"]
-    return 0 if ok else 1
+    return _report(res, args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
 // context, so device pointers and streams created by torch are valid here.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -101,6 +103,26 @@ struct Workspace {  // stream-ordered device scratch memory
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
+};
+
+}  // namespace ood_fast::cuda
+
+namespace ood_fast::cuda {
+
+// Input element types: raw storage type and the exact conversion to float.
+struct InF32 {
+  using raw = float;
+  static __device__ __forceinline__ float f(raw v) { return v; }
+};
+struct InF16 {
+  using raw = unsigned short;
+  static __device__ __forceinline__ float f(raw v) { return __half2float(__ushort_as_half(v)); }
+};
+struct InBF16 {
+  using raw = unsigned short;
+  static __device__ __forceinline__ float f(raw v) {
+    return __uint_as_float(static_cast<unsigned>(v) << 16);  // bf16 is the top half of an f32
+  }
 };
 
 }  // namespace ood_fast::cuda

@@ -75,20 +75,7 @@ constexpr int SENT_I = INT_MAX;  // sentinel pair (+inf, INT_MAX): after every r
 // Element types: raw storage and the exact conversion to float.
 // ---------------------------------------------------------------------------------------------
 
-struct InF32 {
-  using raw = float;
-  static __device__ __forceinline__ float f(raw v) { return v; }
-};
-struct InF16 {
-  using raw = unsigned short;
-  static __device__ __forceinline__ float f(raw v) { return __half2float(__ushort_as_half(v)); }
-};
-struct InBF16 {
-  using raw = unsigned short;
-  static __device__ __forceinline__ float f(raw v) {
-    return __uint_as_float(static_cast<unsigned>(v) << 16);  // bf16 is the top half of an f32
-  }
-};
+// InF32 / InF16 / InBF16 live in cuda_check.h (shared with the other kernels).
 
 __device__ __forceinline__ bool lex_less(float ad, int ai, float bd, int bi) {
   return ad < bd || (ad == bd && ai < bi);

@@ -65,20 +65,7 @@ constexpr int LDC = BN + 4;   // accumulator tile pitch (floats): 16-byte rows, 
 // Input element types: raw storage type and the exact conversion to float.
 // ---------------------------------------------------------------------------------------------
 
-struct InF32 {
-  using raw = float;
-  static __device__ __forceinline__ float f(raw v) { return v; }
-};
-struct InF16 {
-  using raw = unsigned short;
-  static __device__ __forceinline__ float f(raw v) { return __half2float(__ushort_as_half(v)); }
-};
-struct InBF16 {
-  using raw = unsigned short;
-  static __device__ __forceinline__ float f(raw v) {
-    return __uint_as_float(static_cast<unsigned>(v) << 16);  // bf16 is the top half of an f32
-  }
-};
+// InF32 / InF16 / InBF16 live in cuda_check.h (shared with the other kernels).
 
 // ---------------------------------------------------------------------------------------------
 // fp32 tile GEMM (SIMT): cs[r][c] = Σ_{k < kend} x̃[row0 + r, k] · B[k, col0 + c]
