@@ -214,3 +214,71 @@ def test_matches_faiss_flat_l2():
     fd, fi = index.search(q.numpy(), 50)
     d, i = knn_ops.knn(q, b, 50, "l2", backend="cpu")
     assert_knn_equal(d, i, fd, fi, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 banks on AMX-BF16 processors: split-query AMX pass + certified fp32 re-rank
+# ---------------------------------------------------------------------------------------------
+
+_AMX = bool(_C is not None and _C.cpu_features().get("amx_bf16"))
+
+
+def _search(q, bank, k, metric, monkeypatch, bf16_pass: str, margin: str | None = None, exact=True):
+    monkeypatch.setenv("OOD_FAST_KNN_BF16_PASS", bf16_pass)
+    if margin is None:
+        monkeypatch.delenv("OOD_FAST_KNN_MARGIN", raising=False)
+    else:
+        monkeypatch.setenv("OOD_FAST_KNN_MARGIN", margin)
+    return knn_ops.knn(q, bank, k, metric=metric, backend="cpu", exact=exact)
+
+
+@pytest.mark.skipif(not _AMX, reason="the bf16 fast pass needs AMX-BF16, which this CPU lacks")
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize(
+    ("N", "M", "D", "k"),
+    [
+        (64, 400, 1, 1),
+        (65, 700, 33, 7),
+        (130, 3000, 129, 50),
+        (97, 1500, 777, 20),
+        (200, 900, 64, 300),
+    ],
+)
+@pytest.mark.parametrize("margin", [None, "0", "3"])
+def test_bf16_fast_pass_equals_fp32_path_bit_for_bit(
+    N, M, D, k, metric, margin, monkeypatch, chunks
+):
+    """margin "0" leaves every query uncertified (all re-searched by the fp32 path), "3" a mix."""
+    q = _randn(N, D, 1)
+    bank = torch.nn.functional.normalize(_randn(M, D, 2), dim=1).to(torch.bfloat16)
+    bank[5] = bank[9]  # duplicate rows: ties by lower index
+    d0, i0 = _search(q, bank, k, metric, monkeypatch, "0")
+    d1, i1 = _search(q, bank, k, metric, monkeypatch, "1", margin)
+    assert torch.equal(d0, d1)
+    assert torch.equal(i0, i1)
+
+
+@pytest.mark.skipif(not _AMX, reason="the bf16 fast pass needs AMX-BF16, which this CPU lacks")
+@pytest.mark.parametrize("qdt", ["f32", "f16", "bf16"])
+def test_bf16_fast_pass_query_dtypes_and_scale(qdt, monkeypatch):
+    # Unnormalized, large-norm rows: the certification bound scales with the norms.
+    q = (_randn(80, 96, 3) * 30).to(DT[qdt])
+    bank = (_randn(2500, 96, 4) * 7).to(torch.bfloat16)
+    d0, i0 = _search(q, bank, 25, "l2", monkeypatch, "0")
+    d1, i1 = _search(q, bank, 25, "l2", monkeypatch, "1")
+    assert torch.equal(d0, d1) and torch.equal(i0, i1)
+
+
+@pytest.mark.skipif(not _AMX, reason="the bf16 fast pass needs AMX-BF16, which this CPU lacks")
+def test_bf16_fast_pass_inexact_is_close(monkeypatch):
+    """exact=False returns the low pass: distances within the split's error bound of fp32's."""
+    q = _randn(100, 256, 5)
+    bank = torch.nn.functional.normalize(_randn(4000, 256, 6), dim=1).to(torch.bfloat16)
+    d0, _ = _search(q, bank, 10, "l2", monkeypatch, "0")
+    d1, i1 = _search(q, bank, 10, "l2", monkeypatch, "1", exact=False)
+    qn = q.norm(dim=1, keepdim=True)
+    bound = 2 * (2.0**-16 * qn + 1100 * 2.0**-24 * 2 * qn) + 1e-5  # 2Δc for unit bank rows
+    assert ((d1 - d0).abs() <= bound).all()
+    assert (d1[:, 1:] >= d1[:, :-1]).all()
+    exact_d = torch.cdist(q.double(), bank.double()).pow(2).gather(1, i1)
+    assert torch.allclose(exact_d.float(), d1, atol=2e-4)

@@ -301,6 +301,49 @@ OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uin
   _tile_stored(3, C + 16 * NR + 16, ldc);
 }
 
+// AMX-BF16 with a split A operand: C[32 x 32] (+)= (A_hi + A_lo)[32 x 2kc] * B[2kc x 32], where an
+// fp32 matrix is carried as two bf16 matrices, hi = bf16(a) and lo = bf16(a - hi) (16 of fp32's 24
+// significand bits; |a - hi - lo| <= 2^-16 |a|). Both products are exact in fp32 and share each B
+// tile load. A layout (pack_a_panel_amx_split): [kc / 16 blocks][hi, lo][32 rows][16 words].
+// Used where B is exactly bf16 (a bf16 bank) and A is fp32 (queries): twice the tile products of
+// ukr_bf16_amx for an fp32-like result, still several times the fp32 FMA rate.
+OOD_TARGET_AMX inline void ukr_bf16x2_amx(int64_t kc, const uint32_t* A, const uint32_t* B, float* C, bool accum) {
+  constexpr int ldc = NR * 4;
+  if (accum) {
+    _tile_loadd(0, C, ldc);
+    _tile_loadd(1, C + 16, ldc);
+    _tile_loadd(2, C + 16 * NR, ldc);
+    _tile_loadd(3, C + 16 * NR + 16, ldc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < kc; s += 16) {
+    _tile_loadd(6, B, NR * 4);
+    _tile_loadd(7, B + 16, NR * 4);
+    _tile_loadd(4, A, 64);
+    _tile_loadd(5, A + 16 * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    _tile_loadd(4, A + 32 * 16, 64);
+    _tile_loadd(5, A + 48 * 16, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    A += 64 * 16;
+    B += 16 * NR;
+  }
+  _tile_stored(0, C, ldc);
+  _tile_stored(1, C + 16, ldc);
+  _tile_stored(2, C + 16 * NR, ldc);
+  _tile_stored(3, C + 16 * NR + 16, ldc);
+}
+
 #endif  // OOD_FAST_X86
 
 // ------------------------------------------------------------------------------------------
@@ -609,6 +652,68 @@ OOD_TARGET_AVX512 inline void pack_a_panel_amx(uint32_t* dst, const float* rows,
       _mm256_store_si256(reinterpret_cast<__m256i*>(out), f32_to_bf16_avx512(lo));
       _mm256_store_si256(reinterpret_cast<__m256i*>(out + 8), f32_to_bf16_avx512(hi));
     }
+  }
+}
+
+// The split A layout of ukr_bf16x2_amx for one 32-row micro-panel: per block of 16 k-steps (32
+// values), 512 words of hi = bf16(row) then 512 words of lo = bf16(row - hi), each [32 rows][16
+// words] as in pack_a_panel_amx. Values past K and rows past m_rows are zero.
+OOD_TARGET_AVX512 inline void pack_a_panel_amx_split(uint32_t* dst, const float* rows, int64_t ld, int64_t m_rows,
+                                                     int64_t K, int64_t a_steps) {
+  const int64_t nblk = a_steps / 16;
+  for (int64_t r = 0; r < 32; ++r) {
+    const float* row = rows + r * ld;
+    for (int64_t b = 0; b < nblk; ++b) {
+      uint32_t* hi_out = dst + b * 1024 + r * 16;
+      uint32_t* lo_out = hi_out + 512;
+      if (r >= m_rows) {
+        _mm512_store_si512(hi_out, _mm512_setzero_si512());
+        _mm512_store_si512(lo_out, _mm512_setzero_si512());
+        continue;
+      }
+      const int64_t k0 = b * 32;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, K - k0 - 16 * h));
+        const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), row + k0 + 16 * h);
+        const __m512 hi = round_bf16_avx512(v);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(hi_out + 8 * h), f32_to_bf16_avx512(hi));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(lo_out + 8 * h), f32_to_bf16_avx512(_mm512_sub_ps(v, hi)));
+      }
+    }
+  }
+}
+
+// One 32-column B panel in the bf16-pair (VNNI) layout straight from bf16 rows: word s of column j
+// is the 32-bit word s of row j (elements 2s, 2s + 1), so packing is a transpose of 32-bit words.
+// Rows past nv and values past K are zero; `steps` (a multiple of 16) words per column. nrm (if
+// set) receives each row's squared norm of the upcast values, one fma chain in k order
+// (bit-identical to the fp32 packers' chain).
+OOD_TARGET_AVX512 inline void pack_b_panel_bf16_rows(const uint16_t* rows, int64_t ld, int64_t nv, int64_t K,
+                                                     int64_t steps, uint32_t* dst, float* nrm) {
+  for (int h = 0; h < 2; ++h) {
+    const int64_t nr = std::max<int64_t>(0, std::min<int64_t>(16, nv - 16 * h));
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+      const int64_t k0 = 2 * s0;
+      const int64_t kv = std::max<int64_t>(0, std::min<int64_t>(32, K - k0));
+      const __mmask32 m = kv >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << kv) - 1u);
+      __m512 v[16];
+      for (int r = 0; r < 16; ++r)
+        v[r] = r < nr ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, rows + (16 * h + r) * ld + k0))
+                      : _mm512_setzero_ps();
+      transpose16x16(v);
+      for (int j = 0; j < 16; ++j) {
+        _mm512_store_ps(reinterpret_cast<float*>(dst + (s0 + j) * NR + 16 * h), v[j]);
+        if (nrm) {
+          const __m512i w = _mm512_castps_si512(v[j]);
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+          acc = _mm512_fmadd_ps(even, even, acc);
+          acc = _mm512_fmadd_ps(odd, odd, acc);
+        }
+      }
+    }
+    if (nrm) _mm512_storeu_ps(nrm + 16 * h, acc);
   }
 }
 #endif  // OOD_FAST_X86

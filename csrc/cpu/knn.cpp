@@ -8,9 +8,11 @@
 // function, so every path (query tiles × shared bank chunks for large batches, bank split over
 // threads for small ones, any thread count) gives bit-identical distances and hence identical
 // results. Reduced-precision banks (f16/bf16) are upcast exactly while being packed, so their
-// results equal the fp32 search over the upcast values by construction; exact=False takes the
-// same path (on this kind of processor vdpbf16ps runs at half the fp32 FMA rate, so a bf16
-// low-precision pass plus re-rank would not be faster than the fp32 kernel).
+// results equal the fp32 search over the upcast values by construction. One exception, for speed:
+// a bf16 bank on a processor with AMX-BF16 (batches of 64+ queries, k <= 512) runs a split-query
+// AMX pass and a certified re-rank that reproduces the fp32 path's result bit for bit (see
+// knn_bf16_amx below); with exact=False that pass's own top k is returned. (vdpbf16ps alone
+// would not pay: it runs at half the fp32 FMA rate on this kind of processor.)
 //
 // Large batches: the bank is packed in chunks of up to 64 MiB (32-row GEMM panels, shared by
 // the threads; OOD_FAST_KNN_CHUNK_BYTES overrides, for tests), each thread multiplies its query
@@ -459,6 +461,113 @@ class Search {
   }
 
   // ---------------------------------------------------------------------------------------
+ public:
+  // bf16 bank with AMX-BF16: the low-precision pass of the exact search (see knn_bf16_amx).
+  // Same structure as run_query_tiles, with the split-query AMX kernel (fp32 queries carried as
+  // bf16 hi + lo, the bank's bf16 values exact) and the bank packed straight from its bf16 rows.
+  // Leaves the k_ smallest (distance, index) keys of each query unsorted in keys [N][k_], with
+  // count[n] of them, and returns the largest squared norm of a bank row.
+  // ---------------------------------------------------------------------------------------
+  float run_split_lowpass(uint64_t* keys, int64_t* count) {
+    float max_nrm = 0.0f;
+#ifdef OOD_FAST_X86
+    const gemm::Kernel amx = gemm::amx_kernel();  // (for the tile configuration)
+    constexpr int64_t mr = 32;
+    const int64_t steps = ((D_ + 1) / 2 + 15) / 16 * 16;  // bf16 pairs, whole 16-step tiles
+    const int64_t kc = 256;                               // k-steps per B block (32 KiB, in L1)
+    const int64_t row_words = 2 * steps;                  // hi + lo words per query row
+    int64_t nb = std::max<int64_t>(1, std::min<int64_t>(8, (int64_t(1) << 20) / (mr * row_words * 4)));
+    const int64_t share = (N_ + nthreads_ - 1) / nthreads_;
+    nb = std::max<int64_t>(1, std::min<int64_t>(nb, (share + mr - 1) / mr));
+    const int64_t Mt = nb * mr, tile_words = Mt * row_words;
+    const int64_t ntiles_total = (N_ + Mt - 1) / Mt;
+    const int64_t tpb = std::min(std::max<int64_t>(1, (int64_t(32) << 20) / (tile_words * 4)), ntiles_total);
+    const int64_t panels_total = (M_ + NR - 1) / NR, panel_words = steps * NR;
+    int64_t chunk_bytes = int64_t(64) << 20;
+    if (const char* env = std::getenv("OOD_FAST_KNN_CHUNK_BYTES")) chunk_bytes = std::max<int64_t>(1, std::atoll(env));
+    const int64_t chunk_panels = std::max<int64_t>(1, std::min<int64_t>(panels_total, chunk_bytes / (panel_words * 4)));
+    const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads_, ntiles_total)));
+
+    gemm::Buffer<uint32_t> Ablock(static_cast<size_t>(tpb * tile_words));
+    gemm::Buffer<uint32_t> chunk(static_cast<size_t>(chunk_panels * panel_words));
+    gemm::Buffer<float> chunk_nrm(static_cast<size_t>(chunk_panels * NR));
+    std::vector<float> qn(static_cast<size_t>(tpb * Mt), 0.0f);
+    std::vector<float> thr(static_cast<size_t>(N_), kInf);
+    std::vector<float> tmax(static_cast<size_t>(nt), 0.0f);
+    std::vector<Work> work(nt);
+    for (auto& w : work) {
+      alloc_work(w, Mt, false);
+      w.rows.resize(static_cast<size_t>(mr * D_ + 16));
+    }
+    const uint16_t* bank = reinterpret_cast<const uint16_t*>(bank_);
+    const char* q = static_cast<const char*>(q_);
+    const size_t qrow = static_cast<size_t>(D_) * dtype_size(qt_);
+
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      const int tid = omp_get_thread_num();
+#else
+      const int tid = 0;
+#endif
+      Work& w = work[tid];
+      const gemm::AmxScope scope(amx);
+      for (int64_t t0 = 0; t0 < ntiles_total; t0 += tpb) {
+        const int64_t tiles = std::min(tpb, ntiles_total - t0);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t n0 = (t0 + t) * Mt, m = std::min(Mt, N_ - n0);
+          for (int64_t i = 0; i * mr < m; ++i) {
+            const int64_t r0 = i * mr, mrows = std::min(mr, m - r0);
+            for (int64_t r = 0; r < mrows; ++r) {
+              float* row = w.rows.data() + r * D_;
+              convert_row_avx512(q + static_cast<size_t>(n0 + r0 + r) * qrow, qt_, D_, row);
+              qn[t * Mt + r0 + r] = metric_ == kL2 ? sqnorm_avx512(row, D_) : 0.0f;
+            }
+            gemm::pack_a_panel_amx_split(Ablock.data() + t * tile_words + i * mr * row_words, w.rows.data(), D_, mrows,
+                                         D_, steps);
+          }
+        }
+        for (int64_t p0 = 0; p0 < panels_total; p0 += chunk_panels) {
+          const int64_t np = std::min(chunk_panels, panels_total - p0);
+#pragma omp for schedule(static)
+          for (int64_t p = 0; p < np; ++p) {
+            const int64_t r0 = (p0 + p) * NR, nv = std::min<int64_t>(NR, M_ - r0);
+            float* nrm = chunk_nrm.data() + p * NR;
+            gemm::pack_b_panel_bf16_rows(bank + r0 * D_, D_, nv, D_, steps, chunk.data() + p * panel_words, nrm);
+            for (int j = 0; j < nv; ++j) tmax[tid] = std::max(tmax[tid], nrm[j]);
+          }
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t n0 = (t0 + t) * Mt, m = std::min(Mt, N_ - n0);
+            const int64_t n_micro = (m + mr - 1) / mr;
+            const uint32_t* A = Ablock.data() + t * tile_words;
+            Lists L{keys + n0 * k_, k_, count + n0, thr.data() + n0};
+            for (int64_t p = 0; p < np; ++p) {
+              const uint32_t* Bp = chunk.data() + p * panel_words;
+              for (int64_t s0 = 0; s0 < steps; s0 += kc) {
+                const int64_t ks = std::min(kc, steps - s0);
+                for (int64_t i = 0; i < n_micro; ++i)
+                  gemm::ukr_bf16x2_amx(ks, A + i * mr * row_words + s0 * 2 * mr, Bp + s0 * NR, w.cbuf.data() + i * mr * NR,
+                                       s0 > 0);
+              }
+              epilogue(w, L, qn.data() + t * Mt, chunk_nrm.data() + p * NR, m, (p0 + p) * NR);
+            }
+            for (int64_t r = 0; r < m; ++r) flush(w, L, r);
+          }
+        }
+      }
+    }
+    for (float v : tmax) max_nrm = std::max(max_nrm, v);
+#else
+    (void)keys;
+    (void)count;
+#endif
+    return max_nrm;
+  }
+
+ private:
+  // ---------------------------------------------------------------------------------------
   // Small batches: the bank split between threads, private lists, merged at the end
   // ---------------------------------------------------------------------------------------
   void run_bank_split() {
@@ -565,10 +674,169 @@ class Search {
   size_t row_bytes_ = 0;
 };
 
+// ------------------------------------------------------------------------------------------
+// bf16 banks on AMX-BF16 processors: a fast low-precision pass, then a certified exact re-rank
+// ------------------------------------------------------------------------------------------
+//
+// Pass 1 (Search::run_split_lowpass): each fp32 query is split into bf16 hi + lo parts and
+// multiplied by the (exact) bf16 bank on AMX tiles, keeping kl = k + margin candidates per query.
+// Its dot products c' differ from the fp32 path's c by at most
+//   Δc = ‖r‖·B + γ(2D + 64)·(‖hi‖ + ‖lo‖)·B + γ(D)·‖q‖·B + (denormal flushes)
+// with r = q − hi − lo (|r_k| <= 2^-16 |q_k|), B the largest bank row norm and γ(n) = nu/(1 − nu),
+// u = 2^-24 (fp32 sums of n terms in any order), so a distance moves by δ = 2Δc + 2u(‖q‖ + B)²
+// ("l2") or δ = Δc ("ip"). Pass 2, per query: when the largest candidate distance exceeds the k-th
+// smallest by more than 2δ, no row outside the candidates can be in the exact top k (its fp32
+// distance is above the k-th candidate's); the candidates' distances are then recomputed exactly
+// as the fp32 path computes them (one fma chain per (query, row) in k order, same norms, same
+// epilogue), so the result equals the fp32 search bit for bit. A query that cannot be certified
+// (rare: candidates bunched within 2δ) is searched again by the fp32 path.
+// The margin defaults to max(64, k / 2) (OOD_FAST_KNN_MARGIN overrides it, for tests); at the
+// 50k × 512 benchmark shape, k = 50 needs ~65 candidates on median for a 2δ window.
+// OOD_FAST_KNN_BF16_PASS=0 turns the path off.
+
+#ifdef OOD_FAST_X86
+// Exact fp32 distances of one query (fp32 row q, squared norm qn) to up to 16 bf16 bank rows:
+// lane j is one sequential fma chain over k, exactly the fp32 micro-kernel's chain for that pair.
+OOD_TARGET_AVX512 void exact_distances16(const float* q, float qn, const uint16_t* const* rows, int nrows, int64_t D,
+                                         int metric, float* out) {
+  __m512 c = _mm512_setzero_ps(), bn = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < D; k0 += 16) {
+    const int kv = static_cast<int>(std::min<int64_t>(16, D - k0));
+    const __mmask16 m = static_cast<__mmask16>((1u << kv) - 1u);
+    __m512 v[16];
+    for (int r = 0; r < 16; ++r) v[r] = r < nrows ? load16(rows[r] + k0, kBF16, m) : _mm512_setzero_ps();
+    gemm::transpose16x16(v);
+    for (int j = 0; j < kv; ++j) {
+      c = _mm512_fmadd_ps(_mm512_set1_ps(q[k0 + j]), v[j], c);
+      bn = _mm512_fmadd_ps(v[j], v[j], bn);
+    }
+  }
+  __m512 d;
+  if (metric == kL2) {
+    d = _mm512_max_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(_mm512_set1_ps(-2.0f), c, _mm512_add_ps(_mm512_set1_ps(qn), bn)));
+  } else {
+    d = _mm512_xor_ps(c, _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  }
+  _mm512_storeu_ps(out, _mm512_add_ps(d, _mm512_setzero_ps()));
+}
+#endif
+
+int64_t bf16_pass_margin(int64_t k) {
+  if (const char* env = std::getenv("OOD_FAST_KNN_MARGIN")) return std::max<int64_t>(0, std::atoll(env));
+  return std::max<int64_t>(64, k / 2);
+}
+
+bool bf16_pass_eligible(int bt, int64_t N, int64_t M, int64_t k, bool exact) {
+#ifdef OOD_FAST_X86
+  const char* env = std::getenv("OOD_FAST_KNN_BF16_PASS");
+  if (env && std::string(env) == "0") return false;
+  if (bt != kBF16 || N < 64 || k > 512 || !cpu_has_avx512f() || !cpu_has_amx_bf16()) return false;
+  return !exact || k + bf16_pass_margin(k) < M;
+#else
+  (void)bt, (void)N, (void)M, (void)k, (void)exact;
+  return false;
+#endif
+}
+
+void knn_bf16_amx(const void* q, int qt, int64_t N, const char* bank, int bt, int64_t M, int64_t D, int64_t k,
+                  int metric, bool exact, float* out_d, int64_t* out_i, int nthreads) {
+#ifdef OOD_FAST_X86
+  const int64_t kl = exact ? k + bf16_pass_margin(k) : k;
+  std::vector<uint64_t> keys(static_cast<size_t>(N * kl));
+  std::vector<int64_t> count(static_cast<size_t>(N), 0);
+  const float max_bn = Search(q, qt, N, bank, bt, M, D, kl, metric, nullptr, nullptr, nthreads)
+                           .run_split_lowpass(keys.data(), count.data());
+  const double u = std::ldexp(1.0, -24);
+  auto gamma = [u](double n) { return n * u / (1.0 - n * u); };
+  const double B = std::sqrt(static_cast<double>(max_bn) * (1.0 + gamma(static_cast<double>(D)))) * (1.0 + 4 * u);
+  const uint16_t* bank16 = reinterpret_cast<const uint16_t*>(bank);
+  const size_t qrow = static_cast<size_t>(D) * dtype_size(qt);
+  std::vector<uint8_t> redo(static_cast<size_t>(N), 0);
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nthreads, N)));
+
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> row(static_cast<size_t>(D));
+    std::vector<uint64_t> tmp(static_cast<size_t>(kl));
+    const uint16_t* rows[16];
+    alignas(64) float d16[16];
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t n = 0; n < N; ++n) {
+      uint64_t* kr = keys.data() + n * kl;
+      float* od = out_d + n * k;
+      int64_t* oi = out_i + n * k;
+      if (count[n] < kl) {  // fewer finite candidates than asked for (non-finite bank rows)
+        redo[n] = 1;
+        continue;
+      }
+      if (!exact) {
+        topk::sort_keys_full(kr, k, tmp.data());
+        for (int64_t j = 0; j < k; ++j) {
+          od[j] = topk::from_ordered_bits(static_cast<uint32_t>(kr[j] >> 32));
+          oi[j] = static_cast<int64_t>(kr[j] & 0xffffffffu);
+        }
+        continue;
+      }
+      convert_row_avx512(static_cast<const char*>(q) + static_cast<size_t>(n) * qrow, qt, D, row.data());
+      const float qn = metric == kL2 ? sqnorm_avx512(row.data(), D) : 0.0f;
+      double qq = 0, hh = 0, ll = 0, rr = 0;
+      for (int64_t j = 0; j < D; ++j) {
+        const float v = row[j], hi = gemm::round_bf16(v), lo = gemm::round_bf16(v - hi);
+        const double r = static_cast<double>(v - hi) - static_cast<double>(lo);
+        qq += double(v) * v, hh += double(hi) * hi, ll += double(lo) * lo, rr += r * r;
+      }
+      const double qnorm = std::sqrt(qq);
+      const double tiny = std::ldexp(3.0 * D + 64 + 2 * std::sqrt(double(D)) * (qnorm + B), -126);
+      const double dc = std::sqrt(rr) * B + gamma(2.0 * D + 64) * (std::sqrt(hh) + std::sqrt(ll)) * B +
+                        gamma(static_cast<double>(D)) * qnorm * B + tiny;
+      const double delta = 1.01 * (metric == kL2 ? 2 * dc + 2 * u * (qnorm + B) * (qnorm + B) : dc);
+      std::copy(kr, kr + kl, tmp.begin());
+      std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end());
+      const double dk = topk::from_ordered_bits(static_cast<uint32_t>(tmp[k - 1] >> 32));
+      const double dl = topk::from_ordered_bits(static_cast<uint32_t>(*std::max_element(kr, kr + kl) >> 32));
+      if (!(dl - dk > 2 * delta)) {
+        redo[n] = 1;
+        continue;
+      }
+      for (int64_t g = 0; g < kl; g += 16) {
+        const int nr = static_cast<int>(std::min<int64_t>(16, kl - g));
+        for (int j = 0; j < nr; ++j) rows[j] = bank16 + static_cast<int64_t>(kr[g + j] & 0xffffffffu) * D;
+        exact_distances16(row.data(), qn, rows, nr, D, metric, d16);
+        for (int j = 0; j < nr; ++j) tmp[g + j] = topk::make_key(d16[j], static_cast<uint32_t>(kr[g + j]));
+      }
+      std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end());
+      std::sort(tmp.begin(), tmp.begin() + k);
+      for (int64_t j = 0; j < k; ++j) {
+        od[j] = topk::from_ordered_bits(static_cast<uint32_t>(tmp[j] >> 32));
+        oi[j] = static_cast<int64_t>(tmp[j] & 0xffffffffu);
+      }
+    }
+  }
+  // Queries the re-rank could not certify: the fp32 path, on their rows upcast to fp32 (exact).
+  std::vector<int64_t> todo;
+  for (int64_t n = 0; n < N; ++n)
+    if (redo[n]) todo.push_back(n);
+  if (todo.empty()) return;
+  const int64_t nf = static_cast<int64_t>(todo.size());
+  std::vector<float> qf(static_cast<size_t>(nf * D));
+  for (int64_t i = 0; i < nf; ++i)
+    convert_row_avx512(static_cast<const char*>(q) + static_cast<size_t>(todo[i]) * qrow, qt, D, qf.data() + i * D);
+  std::vector<float> df(static_cast<size_t>(nf * k));
+  std::vector<int64_t> xf(static_cast<size_t>(nf * k));
+  Search(qf.data(), kF32, nf, bank, bt, M, D, k, metric, df.data(), xf.data(), nthreads).run();
+  for (int64_t i = 0; i < nf; ++i) {
+    std::copy(df.begin() + i * k, df.begin() + (i + 1) * k, out_d + todo[i] * k);
+    std::copy(xf.begin() + i * k, xf.begin() + (i + 1) * k, out_i + todo[i] * k);
+  }
+#else
+  (void)q, (void)qt, (void)N, (void)bank, (void)bt, (void)M, (void)D, (void)k, (void)metric, (void)exact;
+  (void)out_d, (void)out_i, (void)nthreads;
+#endif
+}
+
 void knn(uintptr_t q_ptr, const std::string& q_dtype, int64_t N, uintptr_t bank_ptr, const std::string& bank_dtype,
          int64_t M, int64_t D, int64_t k, int metric, bool exact, uintptr_t out_d_ptr, uintptr_t out_i_ptr,
          int num_threads) {
-  (void)exact;  // reduced-precision banks are upcast exactly while packed: always exact
   const int qt = parse_dtype(q_dtype, "query");
   const int bt = parse_dtype(bank_dtype, "bank");
   if (N < 0 || M < 1 || D < 1) throw std::invalid_argument("knn: need N >= 0, M >= 1, D >= 1");
@@ -577,9 +845,12 @@ void knn(uintptr_t q_ptr, const std::string& q_dtype, int64_t N, uintptr_t bank_
   if (M > int64_t(0xffffffff)) throw std::invalid_argument("knn: banks of more than 2^32 - 1 rows are not supported");
   if (N == 0) return;
   if (!q_ptr || !bank_ptr || !out_d_ptr || !out_i_ptr) throw std::invalid_argument("knn: null pointer");
-  Search s(reinterpret_cast<const void*>(q_ptr), qt, N, reinterpret_cast<const char*>(bank_ptr), bt, M, D, k, metric,
-           reinterpret_cast<float*>(out_d_ptr), reinterpret_cast<int64_t*>(out_i_ptr), num_threads);
-  s.run();
+  const void* q = reinterpret_cast<const void*>(q_ptr);
+  const char* bank = reinterpret_cast<const char*>(bank_ptr);
+  float* out_d = reinterpret_cast<float*>(out_d_ptr);
+  int64_t* out_i = reinterpret_cast<int64_t*>(out_i_ptr);
+  if (bf16_pass_eligible(bt, N, M, k, exact)) return knn_bf16_amx(q, qt, N, bank, bt, M, D, k, metric, exact, out_d, out_i, num_threads);
+  Search(q, qt, N, bank, bt, M, D, k, metric, out_d, out_i, num_threads).run();
 }
 
 }  // namespace

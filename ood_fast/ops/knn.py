@@ -24,8 +24,11 @@ candidate: with δ a bound on |d_low − d_fp32| for one query (for the query ro
 with unit roundoff u: δ ≤ 2u‖q‖·max‖b‖ for "l2", u‖q‖·max‖b‖ for "ip", u for "cosine", plus the
 accumulation error), the set is certified when the (k + margin)-th low-precision distance
 exceeds the k-th one by more than 2δ; a backend that cannot certify a query must widen its
-candidate set or fall back to the full fp32 computation for it. ``exact=False`` returns the
-low-precision pass directly. The torch reference always computes in float32 (or float64), so for
+candidate set or fall back to the full fp32 computation for it. The C++ backend does this for a bf16
+bank on processors with AMX-BF16 (64+ queries, k <= 512): fp32 queries split into bf16 hi + lo
+parts (δ then holds 2^-16‖q‖·max‖b‖ plus the fp32 accumulation bounds), k + max(64, k/2)
+candidates, and a full fp32 search for any query it cannot certify (csrc/cpu/knn.cpp states the
+bound in full). ``exact=False`` returns the low-precision pass directly. The torch reference always computes in float32 (or float64), so for
 it ``exact`` changes nothing.
 
 Public entry points: ``knn``, ``kth_distance``, ``prototype_scores``.
