@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_hadamard_ops import backend_device, run_backend  # tests/ is on sys.path
+from test_hadamard_ops import backend_device, dense_h, run_backend  # tests/ is on sys.path
 
 from ood_fast import _backend
 from ood_fast import ops as public_ops
@@ -48,9 +48,10 @@ def np_rotate(x, rotation=None, smooth=None):
     if isinstance(rotation, torch.Tensor):
         R = rotation.double().numpy()
     else:
-        R = href.hadamard_matrix(n).numpy() / math.sqrt(n)
+        R = dense_h(n)
         if isinstance(rotation, public_ops.HadamardRotation) and rotation.signs is not None:
-            R = rotation.signs.double().numpy()[:, None] * R
+            x64 = x64 * rotation.signs.double().numpy()  # x diag(s) H = (x · s) H
+        return ((x64 @ R) / math.sqrt(n)).astype(F32)
     return (x64 @ R).astype(F32)
 
 
@@ -561,12 +562,12 @@ def _rq_case(backend, case, dtype=torch.float32):
     if backend == "triton" and device.type == "cpu" and n > 384:
         pytest.skip("the Triton interpreter runs tiny shapes only")
     x = heavy((*lead, n), seed=n).to(dtype).to(device)
-    rotation = {
-        None: None,
-        "hadamard": "hadamard",
-        "random": public_ops.random_hadamard(n, seed=2),
-        "dense": torch.linalg.qr(torch.randn(n, n))[0].to(device),
-    }[rot]
+    if rot == "dense":
+        rotation = torch.linalg.qr(torch.randn(n, n))[0].to(device)
+    elif rot == "random":
+        rotation = public_ops.random_hadamard(n, seed=2)
+    else:
+        rotation = rot
     s = (torch.rand(n) + 0.5).to(device) if smooth else None
     got = run_backend(backend, public_ops.rotate_quantize, x, rotation, s, gran, sym, static, bits)
     ref_q = public_ops.rotate_quantize(x, rotation, s, gran, sym, static, bits, backend="torch")
