@@ -69,37 +69,28 @@ def _row_configs():
     """GPU configs: BR rows per program × warps; pruned per problem by ``_prune_rows``."""
     return [
         triton.Config({"BR": br}, num_warps=w, num_stages=1)
-        for br in (1, 2, 4, 8, 16, 32, 64)
+        for br in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
         for w in (4, 8, 16)
     ]
 
 
 def _prune_rows(configs, named_args, **kwargs):
-    """Tiles of 2K..16K elements (one row when the row alone is larger), 4..64 elements per
-    thread, and BR·2^p >= 16 when the K mixing runs (``tl.dot`` needs 16 rows)."""
+    """At most one config per warp count: the BR whose tile gives ~16 elements per thread
+    (one row when the row alone is larger), BR·2^p >= 16 when the K mixing runs (``tl.dot``
+    needs 16 rows), at most 64 elements per thread. Few configs: each costs a compile."""
     kp, p2, k = kwargs["KP"], kwargs["P2"], kwargs["K"]
     row = kp * p2
+    min_br = max(1, 16 // p2) if k > 1 else 1
     keep = []
-    for c in configs:
-        br, w = c.kwargs["BR"], c.num_warps
-        tile = br * row
-        per_thread = tile // (32 * w)
-        if k > 1 and br * p2 < 16:
+    for w in sorted({c.num_warps for c in configs}):
+        want = max(min_br, (16 * 32 * w) // row)
+        cands = [c for c in configs if c.num_warps == w and c.kwargs["BR"] >= min_br]
+        if not cands:
             continue
-        if row >= 16384 and br != 1:
-            continue
-        if row < 16384 and not 2048 <= tile <= 16384:
-            continue
-        if not 4 <= per_thread <= 64:
-            continue
-        keep.append(c)
-    if keep:
-        return keep
-    # tiny rows: the smallest block that satisfies the dot constraint
-    br = max(1, 16 // p2) if k > 1 else 1
-    while br * row < 2048 and br < 64:
-        br *= 2
-    return [triton.Config({"BR": br}, num_warps=4, num_stages=1)]
+        best = min(cands, key=lambda c: abs(c.kwargs["BR"] - want))
+        if best.kwargs["BR"] * row <= 64 * 32 * w:
+            keep.append(best)
+    return keep or [min(configs, key=lambda c: (abs(c.kwargs["BR"] - min_br), c.num_warps))]
 
 
 def _interp_br(R: int, KP: int, P2: int, K: int) -> int:

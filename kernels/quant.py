@@ -298,11 +298,33 @@ else:
             (128, 64, 128, 4, 4),
             (64, 64, 128, 4, 4),
             (32, 64, 128, 4, 4),
+            (64, 64, 64, 4, 3),
+            (32, 32, 64, 4, 2),
         )
     ]
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "U8", "HAS_BIAS"])
+def _prune_gemm(configs, named_args, **kwargs):
+    """Tiles no larger than the problem (small problems: fewer configs to compile)."""
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+
+    def fits(c):
+        kw = c.kwargs
+        return (
+            kw["BM"] <= max(32, _np2(M))
+            and kw["BN"] <= max(32, _np2(N))
+            and kw["BK"] <= max(64, _np2(K))
+        )
+
+    keep = [c for c in configs if fits(c)]
+    return keep or [min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"] * c.kwargs["BK"])]
+
+
+@triton.autotune(
+    configs=_GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "U8", "HAS_BIAS"],
+    prune_configs_by=None if _INTERPRET else {"early_config_prune": _prune_gemm},
+)
 @triton.jit
 def _int8_linear_kernel(
     a_ptr,

@@ -237,3 +237,39 @@ def test_ops_triton_vs_torch(n, dtype):
             tol = tol + (2.0**-7 if dt == torch.bfloat16 else 2.0**-10) * ref.double().abs().cpu()
         diff = (got.double() - ref.double()).abs().cpu()
         assert torch.all(diff <= tol), diff.max()
+
+
+# ---------------------------------------------------------------------------------------------
+# "quick": a few larger rows (the selection gpu_check.sh runs natively on a lent GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_hadamard_fast(x, hk, signs, scale):
+    """The same float64 transform without building H: FWHT by reshapes, then the H_K mix."""
+    R, n = x.shape
+    K, p = _split(n)
+    y = (x * (signs if signs is not None else 1.0)).reshape(R, K, 1 << p)
+    for j in range(p):
+        h = y.reshape(R, K, -1, 2, 1 << j)
+        a, b = h[:, :, :, 0, :], h[:, :, :, 1, :]
+        y = np.stack([a + b, a - b], axis=3).reshape(R, K, 1 << p)
+    if K > 1:
+        y = np.einsum("ac,rab->rcb", hk, y)
+    return scale * y.reshape(R, n)
+
+
+@pytest.mark.parametrize("n", (112, 1024, 5120))
+def test_quick_larger_rows(th, n):
+    R = 3
+    K, hk, signs, t_hk, t_signs = _args(n, n, True)
+    assert np.allclose(_np_hadamard_fast(np.eye(n)[:4], hk, signs, 1.0),
+                       _np_hadamard(np.eye(n)[:4], hk, signs, 1.0)) if n <= 1024 else True  # fmt: skip
+    for dtype in ("fp32", "bf16"):
+        xt = torch.tensor(_data(R, n, seed=n), dtype=torch.float32, device=DEV).to(DTYPES[dtype])
+        x64 = xt.double().cpu().numpy()
+        ref = _np_hadamard_fast(x64, hk, signs, 1.0 / math.sqrt(n))
+        out = th.hadamard(xt, K, t_hk, t_signs, 1.0 / math.sqrt(n)).double().cpu().numpy()
+        tol = _tol(x64, n, 1.0 / math.sqrt(n))
+        if dtype == "bf16":
+            tol = tol + 2.0**-8 * np.abs(ref)
+        assert np.all(np.abs(out - ref) <= tol)

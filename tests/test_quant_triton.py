@@ -438,3 +438,53 @@ def test_ops_int8_linear_triton_vs_torch(u8):
         torch.testing.assert_close(got, ref, rtol=1e-6 if dt == torch.float32 else 8e-3,
                                    atol=1e-5)  # fmt: skip
     assert M == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# "quick": larger rows and a larger GEMM (the selection gpu_check.sh runs natively on a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_transform_fast(x32, K, hk, signs):
+    R, n = x32.shape
+    _, p = _split(n)
+    y = (x32.astype(np.float64) * (signs if signs is not None else 1.0)).reshape(R, K, 1 << p)
+    for j in range(p):
+        h = y.reshape(R, K, -1, 2, 1 << j)
+        a, b = h[:, :, :, 0, :], h[:, :, :, 1, :]
+        y = np.stack([a + b, a - b], axis=3).reshape(R, K, 1 << p)
+    if K > 1:
+        y = np.einsum("ac,rab->rcb", hk, y)
+    return y.reshape(R, n) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_quick_rotated_larger_rows(tq, mode):
+    per_token, sym = mode
+    for n in (1024, 5120):
+        K, _ = _split(n)
+        rng = np.random.default_rng(n)
+        hk = rng.choice([-1.0, 1.0], size=(K, K)) if K > 1 else np.ones((1, 1))
+        signs = rng.choice([-1.0, 1.0], size=n)
+        x = rng.standard_normal((3, n)).astype(F32)
+        c, s, z = _run(tq, torch.tensor(x, device=DEV), K, hk if K > 1 else None, signs, None,
+                       per_token, sym, None, 8)  # fmt: skip
+        _check_rotated(c, s, z, _np_transform_fast(x, K, hk, signs), per_token, sym, None, 8)
+
+
+@pytest.mark.parametrize("u8", (False, True), ids=("int8", "uint8"))
+def test_quick_int8_linear_larger(tq, u8):
+    M, K, N = 96, 200, 136
+    rng = np.random.default_rng(5)
+    qx = rng.integers(0, 256, (M, K)) if u8 else rng.integers(-127, 128, (M, K))
+    zx = rng.integers(0, 256, M) if u8 else None
+    qw = rng.integers(-127, 128, (N, K))
+    sx = rng.uniform(1e-3, 1e-1, M).astype(F32)
+    sw = rng.uniform(1e-3, 1e-1, N).astype(F32)
+    bias = rng.standard_normal(N).astype(F32)
+    _, ref = _np_linear(qx, sx, zx, qw, sw, bias)
+    out = tq.int8_linear(
+        _t(qx, torch.uint8 if u8 else torch.int8), _t(sx, torch.float32), _t(zx, torch.int32),
+        _t(qw, torch.int8), _t(sw, torch.float32), _t(bias, torch.float32), torch.float32,
+    )  # fmt: skip
+    np.testing.assert_allclose(out.cpu().numpy(), ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
