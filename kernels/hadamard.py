@@ -15,13 +15,13 @@ fp32 arithmetic; x and out fp32/fp16/bf16 (out has x's dtype and may be x itself
 
 Design. One program per block of BR rows; the block lives in registers as a [BR, KP, 2^p]
 tile (KP = K padded to a power of two, the padded sub-rows masked to zero on load and never
-stored). The FWHT is its p butterfly stages written on a hypercube view of the tile
-([BR, KP, 2, 2, ..., 2]): the stage of one index bit is a pair of sums over that size-2 axis,
+stored). The FWHT is its p butterfly stages, each on a rank-4 view of the tile ([BR·KP, 2^(p-1-j), 2, 2^j] for index bit j):
+the stage is a pair of sums over the size-2 axis,
 ``a + b`` and ``a − b`` (``tl.sum(h)`` and ``tl.sum(h · (1, −1))``), selected back in place —
-exactly the fp32 butterfly, with no reassociation. On a GPU the compiler maps the hypercube's
-axes to registers (innermost bits), lanes (the next 5 bits: shuffles) and warps (shared
-memory), i.e. the classic register / shuffle / shared-memory FWHT with the row read once from
-and written once to global memory. The K mixing is one fp32 ``tl.dot`` ("ieee": no TF32) of
+exactly the fp32 butterfly, with no reassociation. On a GPU the compiler maps the index bits to
+registers (innermost bits), lanes (the next 5 bits: shuffles) and warps (shared memory), i.e.
+the classic register / shuffle / shared-memory FWHT with the row read once from and written
+once to global memory (how well Triton does this is for benchmarks/gpu_quant.py to show). The K mixing is one fp32 ``tl.dot`` ("ieee": no TF32) of
 the [BR·2^p, KP] transposed tile with the zero-padded H_K [KP, KP] (K·KP FMAs per element, a
 few per byte, far below the memory bound); ``scale`` multiplies at the end.
 
@@ -110,15 +110,13 @@ def _interp_br(R: int, KP: int, P2: int, K: int) -> int:
 def _transform_tile(y, hk_ptr, K: tl.constexpr, KP: tl.constexpr, LOG_P: tl.constexpr,
                     P2: tl.constexpr, BR: tl.constexpr):  # fmt: skip
     """fp32 tile [BR, KP, P2] -> H_Kᵀ · tile · S per row (unscaled); padded sub-rows stay 0."""
-    if LOG_P > 0:
-        h = tl.reshape(y, [BR, KP] + [2] * LOG_P)
-        for j in tl.static_range(LOG_P):  # stage of index bit LOG_P - 1 - j (axis 2 + j)
-            pos = tl.reshape(tl.arange(0, 2), [1] * (2 + j) + [2] + [1] * (LOG_P - 1 - j))
-            sgn = 1.0 - 2.0 * pos.to(tl.float32)  # (1, -1) along the axis
-            s = tl.sum(h, axis=2 + j, keep_dims=True)  # a + b
-            d = tl.sum(h * sgn, axis=2 + j, keep_dims=True)  # a - b
-            h = tl.where(pos == 0, s, d)
-        y = tl.reshape(h, [BR, KP, P2])
+    for j in tl.static_range(LOG_P):  # the stage of index bit j: a rank-4 view [.., 2, 2^j]
+        h = tl.reshape(y, [BR * KP, P2 // (2 << j), 2, 1 << j])
+        pos = tl.reshape(tl.arange(0, 2), [1, 1, 2, 1])
+        sgn = 1.0 - 2.0 * pos.to(tl.float32)  # (1, -1) along the pair axis
+        s = tl.sum(h, axis=2, keep_dims=True)  # a + b
+        d = tl.sum(h * sgn, axis=2, keep_dims=True)  # a - b
+        y = tl.reshape(tl.where(pos == 0, s, d), [BR, KP, P2])
     if K > 1:
         ka = tl.arange(0, KP)
         hmask = (ka[:, None] < K) & (ka[None, :] < K)

@@ -543,7 +543,11 @@ Plan plan(Params& p, const char* fn) {
   p.sm_red = p.sm_hk + (K > 1 ? K * K : 0);
   pl.smem_bytes = sizeof(float) * static_cast<size_t>(p.sm_red + 64);
   pl.threads = static_cast<unsigned>(p.RB * p.TRP);
-  pl.blocks = static_cast<unsigned>((p.rows + p.RB - 1) / p.RB);
+  const long long blocks = (p.rows + p.RB - 1) / p.RB;
+  if (blocks > INT_MAX)
+    throw std::invalid_argument(std::string("ood_fast._cuda.") + fn + ": too many rows (" +
+                                std::to_string(p.rows) + "); split the call");
+  pl.blocks = static_cast<unsigned>(blocks);
   return pl;
 }
 
