@@ -15,15 +15,16 @@ fp32 arithmetic; x and out fp32/fp16/bf16 (out has x's dtype and may be x itself
 
 Design. One program per block of BR rows; the block lives in registers as a [BR, KP, 2^p]
 tile (KP = K padded to a power of two, the padded sub-rows masked to zero on load and never
-stored). The FWHT is its p butterfly stages, each on a rank-4 view of the tile ([BR·KP, 2^(p-1-j), 2, 2^j] for index bit j):
-the stage is a pair of sums over the size-2 axis,
-``a + b`` and ``a − b`` (``tl.sum(h)`` and ``tl.sum(h · (1, −1))``), selected back in place —
-exactly the fp32 butterfly, with no reassociation. On a GPU the compiler maps the index bits to
+stored). The FWHT is its p butterfly stages, each on a rank-4 view of the tile
+([BR·KP, 2^(p-1-j), 2, 2^j] for index bit j): a pair of sums over the size-2 axis, ``a + b``
+and ``a − b`` (``tl.sum(h)`` and ``tl.sum(h · (1, −1))``), selected back in place — exactly
+the fp32 butterfly, with no reassociation. On a GPU the compiler maps the index bits to
 registers (innermost bits), lanes (the next 5 bits: shuffles) and warps (shared memory), i.e.
 the classic register / shuffle / shared-memory FWHT with the row read once from and written
-once to global memory (how well Triton does this is for benchmarks/gpu_quant.py to show). The K mixing is one fp32 ``tl.dot`` ("ieee": no TF32) of
-the [BR·2^p, KP] transposed tile with the zero-padded H_K [KP, KP] (K·KP FMAs per element, a
-few per byte, far below the memory bound); ``scale`` multiplies at the end.
+once to global memory (how well Triton does this is for benchmarks/gpu_quant.py to show).
+The K mixing is one fp32 ``tl.dot`` ("ieee": no TF32) of the [BR·2^p, KP] transposed tile
+with the zero-padded H_K [KP, KP] (K·KP FMAs per element, a few per byte, far below the
+memory bound); ``scale`` multiplies at the end.
 
 The transform itself (``_transform_tile``) is shared with ``kernels/quant.py``.
 
