@@ -11,7 +11,10 @@
 #   gpu_bench.log      python -m ood_fast bench --gpu: triton and cuda vs the best torch
 #                      (cuBLAS) expression, fp32 and bf16, C=1000 D=2048 and C=10 D=512, N=10k,
 #                      CUDA events; gpu_results.json holds the rows
-#   tests.log          pytest -m gpu tests, then the Triton tests natively (no TRITON_INTERPRET)
+#   tests.log          pytest -m gpu tests, then the Triton tests natively (no TRITON_INTERPRET);
+#                      the quant kernels' quick selections (CUDA + native Triton) first
+#   gpu_quant.log      benchmarks/gpu_quant.py --quick: hadamard / rotate_quantize vs a device
+#                      copy, int8 GEMM vs torch._int_mm and bf16 cuBLAS; gpu_quant.json
 #   bench_quick.log    python -m ood_fast bench --quick on every backend (estimators end to end)
 #
 # What the machine needs: torch with CUDA, triton, pybind11, setuptools, pytest, tqdm,
@@ -19,6 +22,8 @@
 # /work/.library/device/KINDS.md); nothing to carry. pytorch-ood is not there: its rows skip.
 #
 # Run from the device tool:  bash benchmarks/gpu_check.sh     (timeout_s ≥ 510)
+# Only some steps (install always needed):  GPU_CHECK_STEPS=install,pytest_quant_quick,gpu_quant \
+#     bash benchmarks/gpu_check.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -38,6 +43,10 @@ log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$SUMMARY"; }
 step() {
     local name=$1 logfile=$2 limit=$3
     shift 3
+    if [[ -n "${GPU_CHECK_STEPS:-}" && ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        log "skipped $name: not in GPU_CHECK_STEPS"
+        return 0
+    fi
     local left=$((BUDGET - (SECONDS - START)))
     if ((left < 15)); then
         log "skipped $name: budget of ${BUDGET}s spent"
@@ -84,9 +93,18 @@ step pytest_gpu_quick tests.log 120 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_mahalanobis_cuda.py -k "D33 or D2048-C37 or ties or chunks or determin" || true
 step pytest_knn_quick tests.log 90 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_knn_cuda.py -k quick || true
+# rotation quantization (issue 4): quick CUDA + native Triton selections (the full grids are
+# for a longer run: pytest tests/test_hadamard_cuda.py, tests/test_*_triton.py)
+step pytest_quant_quick tests.log 120 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_hadamard_cuda.py tests/test_hadamard_triton.py tests/test_quant_triton.py \
+    -k "quick or bad_arguments" || true
+step gpu_quant gpu_quant.log 100 "$PY" benchmarks/gpu_quant.py --quick \
+    --json "$OUT/gpu_quant.json" || true
 step pytest_gpu_rest tests.log 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
-    --ignore=tests/test_mahalanobis_cuda.py --ignore=tests/test_knn_cuda.py || true
-step pytest_triton tests.log 120 "$PY" -m pytest -m triton tests -q -p no:cacheprovider || true
+    --ignore=tests/test_mahalanobis_cuda.py --ignore=tests/test_knn_cuda.py \
+    --ignore=tests/test_hadamard_cuda.py || true
+step pytest_triton tests.log 120 "$PY" -m pytest -m triton tests -q -p no:cacheprovider \
+    --ignore=tests/test_hadamard_triton.py --ignore=tests/test_quant_triton.py || true
 
 # 5. the estimators end to end on every backend, with the CPU peers (seconds)
 step bench_quick bench_quick.log 60 "$PY" -m ood_fast bench --quick --no-progress \
