@@ -176,6 +176,10 @@ def test_absmax_observer():
     assert obs.count == 60
     with pytest.raises(ValueError, match="no data"):
         AbsMaxObserver(8).per_channel()
+    inferred = AbsMaxObserver().update(xs[0])
+    assert inferred.dim == 8 and torch.equal(inferred.per_channel(), xs[0].abs().amax((0, 1)))
+    with pytest.raises(ValueError, match=r"\[..., 8\]"):
+        inferred.update(torch.randn(2, 9))
 
 
 def test_percentile_observer_exact_below_capacity():
