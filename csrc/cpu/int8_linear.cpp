@@ -185,7 +185,7 @@ class Int8Weight {
 
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
       for (int64_t b = 0; b < nmb; ++b) {
         const int64_t rows = std::min(i8::MB, M - b * i8::MB);
         i8::pack_a_block(qx + b * i8::MB * K, K, rows, K, flip, A + b * nkb * i8::A_KBLOCK);
@@ -199,7 +199,9 @@ class Int8Weight {
 #ifdef OOD_FAST_X86
       if (amx) gemm::amx_configure();
 #endif
-#pragma omp for schedule(static)
+      // Dynamic: on a shared machine a descheduled thread must not hold a fixed half of the work.
+      // (Each output element is computed by one job in a fixed order: results never depend on it.)
+#pragma omp for schedule(dynamic, 1)
       for (int64_t job = 0; job < njobs; ++job) {
         const int64_t chunk = job / gm, g = job % gm;
         const int64_t p0 = chunk * pc, p1 = std::min(npanels, p0 + pc);
