@@ -41,10 +41,10 @@ def np_rotate(x, rotation=None, smooth=None):
     x32 = x.detach().cpu().float().numpy()
     n = x32.shape[-1]
     if rotation is None:
-        return x32 / smooth.numpy().astype(F32) if smooth is not None else x32
+        return x32 / smooth.cpu().numpy().astype(F32) if smooth is not None else x32
     x64 = x32.astype(np.float64)
     if smooth is not None:
-        x64 = (x32 / smooth.numpy().astype(F32)).astype(np.float64)
+        x64 = (x32 / smooth.cpu().numpy().astype(F32)).astype(np.float64)
     if isinstance(rotation, torch.Tensor):
         R = rotation.double().numpy()
     else:
@@ -108,9 +108,10 @@ def assert_codes(got, expect, v, exact):
 
 def check_against_numpy(x, rotation=None, smooth=None, granularity="per_token", symmetric=True,
                         static_scale=None, bits=8, backend="torch"):  # fmt: skip
-    q = public_ops.rotate_quantize(
-        x, rotation, smooth, granularity, symmetric, static_scale, bits, backend=backend
-    )
+    q = run_backend(
+        backend, public_ops.rotate_quantize, x, rotation, smooth, granularity, symmetric,
+        static_scale, bits,
+    )  # fmt: skip
     y = np_rotate(x, rotation, smooth)
     codes, scale, zero, v = np_quantize(
         y, granularity == "per_token", symmetric, static_scale, bits
@@ -155,19 +156,27 @@ def heavy(shape, seed=0):
     return x
 
 
+ALL_BACKENDS = ["torch", "cpu", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
-def test_no_rotation_bit_exact(bits, symmetric, granularity):
-    x = heavy((3, 5, 64), seed=bits)
-    check_against_numpy(x, None, None, granularity, symmetric, None, bits)
+def test_no_rotation_bit_exact(bits, symmetric, granularity, backend):
+    """Without a rotation every backend's codes and scales are bit-identical to numpy."""
+    x = heavy((3, 5, 64), seed=bits).to(backend_device(backend))
+    check_against_numpy(x, None, None, granularity, symmetric, None, bits, backend)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_smooth_bit_exact(symmetric):
-    x = heavy((17, 48), seed=3)
-    smooth = torch.rand(48) * 4 + 0.1
-    check_against_numpy(x, None, smooth, "per_token", symmetric)
+def test_smooth_bit_exact(symmetric, backend):
+    device = backend_device(backend)
+    x = heavy((17, 48), seed=3).to(device)
+    smooth = (torch.rand(48) * 4 + 0.1).to(device)
+    check_against_numpy(x, None, smooth, "per_token", symmetric, None, 8, backend)
+    check_against_numpy(x, None, smooth, "per_tensor", True, 0.05, 8, backend)  # static
 
 
 def test_round_half_even_at_exact_ties():
@@ -190,6 +199,20 @@ def test_hadamard_rotation_against_numpy(n, symmetric, granularity):
     x = heavy((2, 3, n), seed=n)
     check_against_numpy(x, "hadamard", None, granularity, symmetric)
     check_against_numpy(x, public_ops.random_hadamard(n, seed=5), None, granularity, symmetric)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("n", [12, 40, 64, 384, 5120])
+def test_compiled_rotation_against_numpy(backend, n):
+    """Compiled backends against the independent numpy reference too (ties only)."""
+    device = backend_device(backend)
+    if backend == "triton" and device.type == "cpu" and n > 384:
+        pytest.skip("the Triton interpreter runs tiny shapes only")
+    x = heavy((5, n), seed=n).to(device)
+    smooth = (torch.rand(n) + 0.5).to(device)
+    rot = public_ops.random_hadamard(n, seed=6)
+    check_against_numpy(x, rot, smooth, "per_token", True, None, 8, backend)
+    check_against_numpy(x, "hadamard", None, "per_tensor", False, None, 8, backend)
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])
@@ -635,3 +658,68 @@ def test_cpu_int8_linear_rejects_fp16_out():
     out = torch.empty(2, 3, dtype=torch.float16)
     why = _backend.reasons("int8_linear", "cpu", qx, sx, None, qw, sw, None, out)
     assert any("float16" in w or "Int8Weight" in w for w in why)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_tensors():
+    """The reference runs on CUDA tensors too (the fallback there): same results as on CPU."""
+    dev = torch.device("cuda")
+    x = heavy((3, 7, 96))
+    rot, smooth = public_ops.random_hadamard(96, seed=3), torch.rand(96) + 0.5
+    torch.testing.assert_close(
+        public_ops.hadamard(x.to(dev), signs=rot.signs.to(dev), backend="torch").cpu(),
+        public_ops.hadamard(x, signs=rot.signs, backend="torch"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for sym in (True, False):
+        q = public_ops.rotate_quantize(x.to(dev), rot, smooth.to(dev), symmetric=sym,
+                                       backend="torch")  # fmt: skip
+        assert q.codes.device.type == "cuda"
+        e = public_ops.rotate_quantize(x, rot, smooth, symmetric=sym, backend="torch")
+        assert int((q.codes.cpu().int() - e.codes.int()).abs().max()) <= 1
+        torch.testing.assert_close(q.scale.cpu(), e.scale, rtol=2e-6, atol=0)
+    qx, sx, qw, sw, bias, zx = linear_case(33, 17, 300, unsigned=True)
+    got = public_ops.int8_linear(qx.to(dev), sx.to(dev), qw.to(dev), sw.to(dev), bias.to(dev),
+                                 zx=zx.to(dev), backend="torch")  # fmt: skip
+    _, expect = np_int8_linear(qx, sx, qw, sw, bias, zx)
+    np.testing.assert_allclose(got.cpu().double().numpy(), expect, rtol=3e-6, atol=1e-6)
+
+
+def test_int8_linear_inference_mode_weights():
+    """Weights made under inference_mode carry no version counter: the cache must cope."""
+    with torch.inference_mode():
+        qx, sx, qw, sw, bias, _ = linear_case(4, 5, 24)
+        out = public_ops.int8_linear(qx, sx, qw, sw, bias)
+        again = public_ops.int8_linear(qx, sx, qw, sw, bias)
+    _, expect = np_int8_linear(qx, sx, qw, sw, bias)
+    np.testing.assert_allclose(out.double().numpy(), expect, rtol=3e-6, atol=1e-6)
+    assert torch.equal(out, again)
+
+
+def test_parameter_caches_follow_edits_and_free_their_tensors():
+    """Validated parameters are cached per tensor: an in-place edit re-validates, and a
+    parameter that goes away takes its cache entry with it (no leak through the cache)."""
+    import gc
+    import weakref
+
+    quant_ops = importlib.import_module("ood_fast.ops.quant")
+    x = torch.randn(3, 16)
+    smooth = torch.rand(16) + 0.5
+    public_ops.rotate_quantize(x, "hadamard", smooth)
+    smooth[2] = 0.0  # in place: must be caught on the next call
+    with pytest.raises(ValueError, match="> 0"):
+        public_ops.rotate_quantize(x, "hadamard", smooth)
+    qx, sx, qw, sw, bias, _ = linear_case(3, 4, 16)
+    public_ops.int8_linear(qx, sx, qw, sw, bias)
+    bias[1] = float("nan")
+    with pytest.raises(ValueError, match="bias"):
+        public_ops.int8_linear(qx, sx, qw, sw, bias)
+    R = torch.linalg.qr(torch.randn(16, 16))[0]
+    public_ops.rotate_quantize(x, R)
+    refs = [weakref.ref(t) for t in (smooth, qw, sw, bias, R)]
+    before = len(quant_ops._WEIGHTS)
+    del smooth, qw, sw, bias, R
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(quant_ops._WEIGHTS) <= before - 5

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .._validate import as_tensor
@@ -179,17 +180,30 @@ def _quantile(v: torch.Tensor, q: float, dim: int | None = None) -> torch.Tensor
     return a + (b - a) * frac
 
 
-class AbsMaxObserver:
-    """Running max of |x| per channel (last dimension) over every observed batch, float32."""
+def _infer_dim(obs, x) -> torch.Tensor:
+    """x as a tensor; fixes ``obs.dim`` from x's last dimension on the first batch."""
+    x = as_tensor(x, "x")
+    if obs.dim is None:
+        if x.dim() == 0:
+            raise ValueError("x: expected shape [..., dim], got a scalar")
+        obs.dim = _check_dim(int(x.shape[-1]))
+    return x
 
-    def __init__(self, dim: int):
-        self.dim = _check_dim(dim)
+
+class AbsMaxObserver:
+    """Running max of |x| per channel (last dimension) over every observed batch, float32.
+
+    ``dim`` may be left None: the first batch fixes it.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = None if dim is None else _check_dim(dim)
         self.count = 0
         self._absmax: torch.Tensor | None = None
 
     def update(self, x) -> AbsMaxObserver:
         """Observe ``x [..., dim]``. Returns self."""
-        rows = _rows(x, self.dim)
+        rows = _rows(_infer_dim(self, x), self.dim)
         if rows.shape[0]:
             m = rows.abs().amax(dim=0).to(torch.float32)
             self._absmax = (
@@ -236,12 +250,7 @@ class PercentileObserver:
 
     def update(self, x) -> PercentileObserver:
         """Observe ``x [..., dim]`` (dim fixed by the first batch when not given). Returns self."""
-        x = as_tensor(x, "x")
-        if self.dim is None:
-            if x.dim() == 0:
-                raise ValueError("x: expected shape [..., dim]")
-            self.dim = int(x.shape[-1])
-        rows = _rows(x, self.dim).abs().to("cpu", torch.float32)
+        rows = _rows(_infer_dim(self, x), self.dim).abs().to("cpu", torch.float32)
         n = rows.shape[0]
         if n == 0:
             return self
@@ -260,8 +269,12 @@ class PercentileObserver:
             u = torch.rand(rows.shape[0], generator=self._gen, dtype=torch.float64)
             slot = torch.floor(u * t).to(torch.int64)
             hit = (slot < self.max_rows).nonzero().flatten()
-            for i in hit.tolist():  # sequential: a later row may overwrite an earlier one
-                kept[slot[i]] = rows[i]
+            # Sequentially a later row overwrites an earlier one in the same slot: keep, per
+            # slot, the last hit (the first in reversed order).
+            rev = hit.flip(0)
+            _, first = np.unique(slot[rev].numpy(), return_index=True)
+            winners = rev[torch.from_numpy(first)]
+            kept[slot[winners]] = rows[winners]
             self._rows = [kept]
             self.count += rows.shape[0]
         return self

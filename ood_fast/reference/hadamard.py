@@ -27,8 +27,25 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import weakref
 
 import torch
+
+# Sign vectors already checked to be ±1 (those a HadamardRotation holds), by identity, so the op
+# need not re-scan them per call (on a GPU that scan would be a device sync).
+_VALIDATED_SIGNS: dict[int, weakref.ref] = {}
+
+
+def _mark_valid_signs(t: torch.Tensor) -> None:
+    key = id(t)
+    _VALIDATED_SIGNS[key] = weakref.ref(t, lambda _, key=key: _VALIDATED_SIGNS.pop(key, None))
+
+
+def is_validated_signs(t: torch.Tensor) -> bool:
+    """True when ``t`` is a sign vector a ``HadamardRotation`` checked (and holds)."""
+    ref = _VALIDATED_SIGNS.get(id(t))
+    return ref is not None and ref() is t
+
 
 SUPPORTED_K = (1, 12, 20, 28)
 FORMS = "2^m, 12·2^m, 20·2^m, 28·2^m, 40·2^m (= 20·2^(m+1))"
@@ -85,7 +102,8 @@ def _jacobsthal(q: int) -> torch.Tensor:
 def _paley1(q: int) -> torch.Tensor:
     """Paley construction I, q ≡ 3 (mod 4) prime: order q + 1.
 
-    ``C = [[0, 1ᵀ], [−1, Q]]`` is a skew conference matrix (C Cᵀ = q I, Cᵀ = −C), so
+    ``C = [[0, 1ᵀ], [−1, Q]]`` is a skew conference matrix (C Cᵀ = q I, from Q Qᵀ = q I − J and
+    Q 1 = 0; Cᵀ = −C), so
     ``H = I + C`` has ``H Hᵀ = I + C Cᵀ = (q + 1) I`` (the cross terms C + Cᵀ cancel).
     """
     Q = _jacobsthal(q)
@@ -101,8 +119,8 @@ def _paley2(q: int) -> torch.Tensor:
 
     ``C = [[0, 1ᵀ], [1, Q]]`` is a symmetric conference matrix (C Cᵀ = q I). Each 0 entry of C
     becomes ``A = [[1, −1], [−1, −1]]`` and each ±1 becomes ``±B``, ``B = [[1, 1], [1, −1]]``:
-    ``H = I ⊗ A + C ⊗ B``. Since A Aᵀ = B Bᵀ = 2 I and A Bᵀ + B Aᵀ = 0,
-    ``H Hᵀ = I ⊗ 2I + C Cᵀ ⊗ 2I + (C + Cᵀ) ⊗ 0 … = 2(q + 1) I``.
+    ``H = I ⊗ A + C ⊗ B``. Since A Aᵀ = B Bᵀ = 2 I, A Bᵀ + B Aᵀ = 0 and C = Cᵀ,
+    ``H Hᵀ = I ⊗ A Aᵀ + C ⊗ (A Bᵀ + B Aᵀ) + C Cᵀ ⊗ B Bᵀ = 2 I + 0 + 2q I = 2(q + 1) I``.
     """
     Q = _jacobsthal(q)
     C = torch.zeros(q + 1, q + 1, dtype=torch.int64)
@@ -167,13 +185,14 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def _sylvester_split(p: int) -> list[int]:
-    """Sizes of the Sylvester factors S_{2^p} is applied as (each ≤ _MAX_FACTOR, product 2^p)."""
+    """Sizes of the Sylvester factors S_{2^p} is applied as (each ≤ _MAX_FACTOR, product 2^p),
+    the remainder first so that the last (one plain GEMM over all rows) is the largest."""
     sizes = []
     while p > 0:
         step = min(p, _MAX_FACTOR.bit_length() - 1)
         sizes.append(1 << step)
         p -= step
-    return sizes
+    return sizes[::-1]
 
 
 def hadamard(
@@ -191,8 +210,9 @@ def hadamard(
 
     How: ``H_n = H_K ⊗ S_{f1} ⊗ … ⊗ S_{fr}`` with every f ≤ 64, so x is viewed as a tensor
     ``[rows, K, f1, …, fr]`` and each axis is contracted with its small dense factor (one GEMM
-    per factor, ``y_axis = Fᵀ x_axis``, i.e. row-vector ``x @ F`` along that axis). This is exact
-    Kronecker algebra, costs O(n·(K + Σ f)) per row and never builds ``H_n``.
+    per factor, ``y_axis = Fᵀ x_axis``, i.e. row-vector ``x @ F`` along that axis; the last axis
+    is one plain ``[rows·n/f, f] @ [f, f]`` GEMM, and carries the scale). This is exact Kronecker
+    algebra, costs O(n·(K + Σ f)) per row and never builds ``H_n``.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
@@ -210,17 +230,21 @@ def hadamard(
     factors = ([(K, _factor_int(K))] if K > 1 else []) + [
         (f, _sylvester_int(f)) for f in _sylvester_split(p)
     ]
+    if not factors:  # n = 1
+        return (y * scale).reshape(shape).to(x.dtype)
     # Contract the axes one by one. View as [rows·pre, f, post] for the current axis of size f;
     # the result along that axis is Σ_a F[a, c] · y[.., a, ..] = (Fᵀ @ y_view).
     pre = rows
     post = n
-    for f, F in factors:
+    for i, (f, F) in enumerate(factors):
         post //= f
-        Ft = F.T.to(device=x.device, dtype=acc).contiguous()
-        y = torch.matmul(Ft, y.reshape(pre, f, post))
+        F = F.to(device=x.device, dtype=acc)
+        if i == len(factors) - 1:
+            y = y.reshape(-1, f) @ (F * scale)  # post == 1: one GEMM over every row
+        else:
+            y = torch.matmul(F.T.contiguous(), y.reshape(pre, f, post))
         pre *= f
-    y = y.reshape(shape) * scale
-    return y.to(x.dtype)
+    return y.reshape(shape).to(x.dtype)
 
 
 class HadamardRotation:
@@ -245,6 +269,8 @@ class HadamardRotation:
             if not bool((signs.abs() == 1).all()):
                 raise ValueError("signs: every entry must be +1 or -1")
         self.signs = signs
+        if signs is not None:
+            _mark_valid_signs(signs)
         self._on_device: dict[str, torch.Tensor] = {}
 
     def signs_on(self, device) -> torch.Tensor | None:
@@ -253,7 +279,9 @@ class HadamardRotation:
             return None
         key = str(torch.device(device))
         if key not in self._on_device:
-            self._on_device[key] = self.signs.to(device)
+            on = self.signs.to(device)
+            _mark_valid_signs(on)
+            self._on_device[key] = on
         return self._on_device[key]
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
