@@ -9,7 +9,7 @@
 // multiple of 64) together with colsum[n] = sum_k qw[n, k], which turns a zero point into an
 // epilogue term: sum_k (x - z) w = sum_k x w - z * colsum. forward():
 // splits the output into jobs of (a group of 32-row blocks, ~1 MiB of packed rows) x (a range
-// of weight chunks, ~1 MiB each), scheduled dynamically over the threads with no barrier. A job
+// of weight chunks, ~256 KiB each), scheduled dynamically over the threads with no barrier. A job
 // packs its rows (for the VNNI kernel int8 activations get their sign bit flipped, x + 128 as
 // uint8, and the epilogue subtracts 128 * colsum), then for each chunk and each row block runs
 // k-ranges of 512 over the chunk's panels (32 x 32 int32 sums per micro-kernel call, AMX tiles
@@ -53,10 +53,12 @@ struct AlignedBytes {
   uint8_t* get() const { return p.get(); }
 };
 
-// Blocking, tuned on this machine (2 MiB L2, 48 KiB L1 per core) at M = 2048, K = N = 4096:
-// a chunk of weight panels of ~1 MiB stays in L2 while every row block passes (0.5 and 1.5 MiB
-// were slower), and k-ranges of 8 k-blocks (512 k; a 16 KiB A slice in L1) beat 256 and 768.
-constexpr int64_t kChunkBytes = int64_t(1) << 20;
+// Blocking, tuned on this machine (2 MiB L2, 48 KiB L1 per core) at M = 2048, K = N = 4096,
+// one thread: a job's packed rows (~1 MiB) stay in L2 while its weight chunks (~256 KiB each)
+// pass them (groups of 0.5 / 1.5 MiB and chunks of 128 / 512 KiB / 1 MiB were slower), and
+// k-ranges of 8 k-blocks (512 k; a 16 KiB A slice in L1) beat 256 and 768.
+constexpr int64_t kGroupBytes = int64_t(1) << 20;
+constexpr int64_t kChunkBytes = int64_t(1) << 18;
 constexpr int64_t kKcBlocks = 8;
 
 bool isa_available(Isa isa) {
@@ -144,9 +146,9 @@ class Int8Weight {
 #endif
 
     // Work split (no barrier anywhere: on a shared machine a thread waiting for a descheduled
-    // one loses whole time slices). A job = (a group of gb row blocks, a range of weight
-    // chunks): it packs its own rows, then for each chunk of pc panels (pc * Kp * 32 bytes ~
-    // 1 MiB, kept in L2 while the group's blocks pass) and each block of the group, k-ranges of
+    // one loses whole time slices). A job = (a group of gb row blocks, ~1 MiB packed, a range of
+    // weight chunks): it packs its own rows, then for each chunk of pc panels (pc * Kp * 32
+    // bytes ~ 256 KiB) and each block of the group, k-ranges of
     // kcb k-blocks (a 16 KiB A slice in L1 while the chunk's panels pass, the 32 x 32 int32
     // sums accumulating in a per-thread buffer), then the epilogue of the block's panels. The
     // weight chunks are split over jobs only when there are few row groups (small M: the
@@ -158,7 +160,7 @@ class Int8Weight {
     const int64_t ntw = std::min(nt_req, nt_work);
     const int64_t pc = std::min(npanels_, std::max<int64_t>(1, kChunkBytes / (Kp_ * i8::NB)));
     const int64_t nchunks = (npanels_ + pc - 1) / pc;
-    int64_t gb = std::max<int64_t>(1, kChunkBytes / (nkb * i8::A_KBLOCK));
+    int64_t gb = std::max<int64_t>(1, kGroupBytes / (nkb * i8::A_KBLOCK));
     gb = std::min(gb, (nmb + ntw - 1) / ntw);
     const int64_t ngroups = (nmb + gb - 1) / gb;
     // At least ~4 jobs per thread where the weights allow it, so that a thread running late
