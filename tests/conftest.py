@@ -15,13 +15,28 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """Skip `gpu` tests without a CUDA device and `triton` tests where triton cannot import."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if any(item.get_closest_marker("triton") for item in items):
+        err = _triton_import_error()
+        if err:
+            skip = pytest.mark.skip(reason=f"triton cannot be imported ({err})")
+            for item in items:
+                if item.get_closest_marker("triton"):
+                    item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """Triton ``hadamard`` kernel (``ood_fast.kernels.hadamard``) against a numpy float64 reference,
 and ``ops.hadamard(backend="triton")`` against ``backend="torch"``.
 
-On CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set below before triton
-is first imported; tests/conftest.py does the same), so shapes are tiny: rows 1..5, n in
+On CPU the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is first imported), so shapes are tiny: rows 1..5, n in
 {1, 2, 8, 12, 24, 48, 64, 80, 112} (K = 1, 12, 20, 28). On a GPU machine it runs natively.
 
 The kernel-level tests use a random ±1 H_K (not symmetric, not orthogonal): the kernel must
@@ -14,31 +14,14 @@ float64 result bit for bit.
 
 import importlib
 import math
-import os
 
 import numpy as np
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-try:  # noqa: SIM105
-    import triton  # noqa: E402, F401
-
-    _TRITON_ERR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    _TRITON_ERR = f"{type(exc).__name__}: {exc}"
 
 from ood_fast import _extensions as _ext  # noqa: E402
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        _TRITON_ERR is not None, reason=f"triton cannot be imported ({_TRITON_ERR})"
-    ),
-]
+pytestmark = pytest.mark.triton  # tests/conftest.py skips these where triton cannot import
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NS = (1, 2, 8, 12, 24, 48, 64, 80, 112)

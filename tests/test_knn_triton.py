@@ -1,7 +1,7 @@
 """Triton backend of ``knn`` / ``kth_distance`` against the torch backend (the reference).
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before triton
-is first imported; tests/conftest.py does the same); on a GPU machine they run natively.
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is first imported); on a GPU machine they run natively.
 Shapes are tiny: the interpreter executes every tile op in numpy.
 
 Two kinds of data: Gaussian features, compared with ``assert_knn_equal`` (distances close,
@@ -11,33 +11,15 @@ the reference exactly, indices included (ties go to the lower bank index).
 """
 
 import importlib
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-try:  # noqa: SIM105
-    import triton  # noqa: E402, F401
-
-    _TRITON_ERR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    _TRITON_ERR = f"{type(exc).__name__}: {exc}"
-
 from test_knn_ops import assert_knn_equal  # noqa: E402
 
 from ood_fast import _extensions as _ext  # noqa: E402
 from ood_fast.ops import knn, kth_distance  # noqa: E402
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        _TRITON_ERR is not None, reason=f"triton cannot be imported ({_TRITON_ERR})"
-    ),
-]
+pytestmark = pytest.mark.triton  # tests/conftest.py skips these where triton cannot import
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 METRICS = ("l2", "ip", "cosine")

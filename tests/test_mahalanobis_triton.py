@@ -1,37 +1,19 @@
 """Triton backend of ``mahalanobis_fused`` against the torch backend and the float64 definition.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before triton
-is first imported; tests/conftest.py does the same); on a GPU machine they run natively.
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before triton is first imported); on a GPU machine they run natively.
 Shapes are tiny: the interpreter executes every tile op in numpy.
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-try:  # noqa: SIM105
-    import triton  # noqa: E402, F401
-
-    _TRITON_ERR = None
-except Exception as exc:  # pragma: no cover - depends on the environment
-    _TRITON_ERR = f"{type(exc).__name__}: {exc}"
 
 from ood_fast import _backend  # noqa: E402
 from ood_fast import _extensions as _ext  # noqa: E402
 from ood_fast.ops import mahalanobis, mahalanobis_plan  # noqa: E402
 from ood_fast.reference.mahalanobis import squared_distances  # noqa: E402
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(
-        _TRITON_ERR is not None, reason=f"triton cannot be imported ({_TRITON_ERR})"
-    ),
-]
+pytestmark = pytest.mark.triton  # tests/conftest.py skips these where triton cannot import
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SEED = 42
