@@ -116,6 +116,16 @@ bool want_stream(int64_t out_bytes) {
   return out_bytes >= (int64_t(8) << 20);
 }
 
+// The input row to prefetch while row r is computed: r + d with d rows >= 8 KiB ahead (a short row
+// is computed faster than one memory latency's worth of bandwidth would arrive), within the
+// thread's rows [.., r1).
+inline fwht::Prefetch prefetch_row(const char* x, size_t row_bytes, int64_t r, int64_t r1) {
+  const int64_t d = std::max<int64_t>(1, static_cast<int64_t>((size_t(8) << 10) / row_bytes));
+  if (r + d >= r1) return {};
+  const char* p = x + static_cast<size_t>(r + d) * row_bytes;
+  return fwht::Prefetch{p, p + row_bytes};
+}
+
 // Orders this thread's non-temporal stores before the parallel region's join.
 inline void store_fence() {
 #ifdef OOD_FAST_X86
@@ -493,7 +503,7 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
       if (vec) {
         const size_t rb = static_cast<size_t>(n) * es;
         fwht::Prefetch pf;
-        if (r + 1 < r1) pf = fwht::Prefetch{static_cast<const char*>(xr) + rb, static_cast<const char*>(xr) + 2 * rb};
+        pf = prefetch_row(x, rb, r, r1);
         switch (dt) {
           case kF32:
             if (stream)
@@ -563,12 +573,8 @@ struct RQ {
     return z;
   }
 
-  // The next row's input (r + 1 < r1), for prefetching.
   fwht::Prefetch next(int64_t r, int64_t r1) const {
-    if (r + 1 >= r1) return {};
-    const size_t rb = static_cast<size_t>(n) * dtype_size(dt);
-    const char* p = x + static_cast<size_t>(r + 1) * rb;
-    return fwht::Prefetch{p, p + rb};
+    return prefetch_row(x, static_cast<size_t>(n) * dtype_size(dt), r, r1);
   }
 
   void quantize(const float* zr, const QParams& q, void* codes, fwht::Prefetch* pf) const {
