@@ -636,28 +636,42 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
 
   if (per_token || is_static) {
-    std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
+    // Software-pipelined by one row: row r is transformed (into the buffer pair r % 2) before row
+    // r - 1 is quantized, so that the quantizer's wait for row r's scale (the end of its
+    // transform, a horizontal reduction, two divisions) overlaps independent work instead of
+    // stalling every short row.
+    std::vector<gemm::Buffer<float>> ys(nt), zs(2 * nt);
     for (int t = 0; t < nt; ++t) {
       ys[t].resize(nbuf);
-      if (!z_is_y) zs[t].resize(nbuf);
+      zs[2 * t].resize(nbuf);
+      zs[2 * t + 1].resize(nbuf);
     }
     if (!per_token) scales[0] = sstat;
 #pragma omp parallel num_threads(nt)
     {
       const int t = thread_id(), T = thread_count();
       const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
-      float* y = ys[t].data();
-      float* z = z_is_y ? y : zs[t].data();
-      for (int64_t r = r0; r < r1; ++r) {
-        Stats st;
-        fwht::Prefetch pf = rq.next(r, r1);
-        const float* zr = rq.row(r, y, z, st, &pf);
-        const QParams q = make_params(st, symmetric, sstat, bits);
-        rq.quantize(zr, q, codes + r * n, &pf);
-        if (per_token) {
-          scales[r] = q.scale;
-          if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
+      const float* prev = nullptr;
+      QParams qprev;
+      fwht::Prefetch pf;
+      for (int64_t r = r0; r <= r1; ++r) {
+        const float* zr = nullptr;
+        QParams q;
+        if (r < r1) {
+          float* z = zs[2 * t + (r & 1)].data();
+          float* y = z_is_y ? z : ys[t].data();
+          Stats st;
+          pf = rq.next(r, r1);
+          zr = rq.row(r, y, z, st, &pf);
+          q = make_params(st, symmetric, sstat, bits);
+          if (per_token) {
+            scales[r] = q.scale;
+            if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
+          }
         }
+        if (prev) rq.quantize(prev, qprev, codes + (r - 1) * n, &pf);
+        prev = zr;
+        qprev = q;
       }
       if (rq.stream) store_fence();
     }
