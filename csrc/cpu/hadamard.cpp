@@ -351,29 +351,52 @@ OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant_i32(__m512 v, const QVec& c) {
   return _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// 64 codes of z[0..64) as one 64-byte vector: two dword->word packs and one word->byte pack
-// (in-range values: the saturation never acts) leave the bytes 4x4-dword transposed per lane;
-// one vpermd restores the order. Half the shuffle uops of four vpmovdb, one store instead of four.
-template <bool ASYM>
+// 64 codes of z[0..64) as one 64-byte vector. The tie check is one branch for the four vectors.
+// CLAMP false (symmetric, dynamic scale): |y| <= absmax = scale * qmax, so |y * (1/scale)| <=
+// qmax (1 + 2^-22) rounds into [-qmax, qmax] and the clamps are skipped. Packing: two dword->word
+// packs and one word->byte pack (in-range values: the saturation never acts) leave the bytes
+// 4x4-dword transposed per lane; one vpermd restores the order (half the shuffle uops of four
+// vpmovdb, and one store instead of four).
+template <bool ASYM, bool CLAMP>
 OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant64(const float* z, const QVec& c) {
-  const __m512i a = quant_i32<ASYM>(_mm512_loadu_ps(z), c), b = quant_i32<ASYM>(_mm512_loadu_ps(z + 16), c);
-  const __m512i d = quant_i32<ASYM>(_mm512_loadu_ps(z + 32), c), e = quant_i32<ASYM>(_mm512_loadu_ps(z + 48), c);
-  const __m512i ab = _mm512_packs_epi32(a, b), de = _mm512_packs_epi32(d, e);
+  __m512 v[4], q[4];
+  __mmask16 tie[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm512_loadu_ps(z + 16 * k);
+    q[k] = _mm512_mul_ps(v[k], c.vr);
+    const __m512 d = _mm512_reduce_ps(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // q - rint(q)
+    tie[k] = _mm512_cmp_ps_mask(_mm512_abs_ps(d), c.thr, _CMP_GT_OQ);
+  }
+  if (_kor_mask16(_kor_mask16(tie[0], tie[1]), _kor_mask16(tie[2], tie[3]))) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) q[k] = _mm512_mask_div_ps(q[k], tie[k], v[k], c.vs);
+  }
+  __m512i i[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    if (ASYM) q[k] = _mm512_add_ps(_mm512_roundscale_ps(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c.vz);
+    if (CLAMP) q[k] = _mm512_min_ps(_mm512_max_ps(q[k], c.vlo), c.vhi);
+    i[k] = _mm512_cvt_roundps_epi32(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  const __m512i ab = _mm512_packs_epi32(i[0], i[1]), de = _mm512_packs_epi32(i[2], i[3]);
   const __m512i bytes = ASYM ? _mm512_packus_epi16(ab, de) : _mm512_packs_epi16(ab, de);
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_epi32(idx, bytes);
 }
 
-template <bool ASYM, bool STREAM>
+template <bool ASYM, bool STREAM, bool CLAMP>
 OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& c, int8_t* codes, fwht::Prefetch& pf) {
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    const __m512i v = quant64<ASYM>(z + i, c);
-    if (STREAM)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), v);
-    else
-      _mm512_storeu_si512(codes + i, v);
-    pf.step(4);
+  if (c.recip_ok) {
+    for (; i + 64 <= n; i += 64) {
+      const __m512i v = quant64<ASYM, CLAMP>(z + i, c);
+      if (STREAM)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), v);
+      else
+        _mm512_storeu_si512(codes + i, v);
+      pf.step(4);
+    }
   }
   for (; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
@@ -381,9 +404,10 @@ OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& 
   }
 }
 
-// codes: n int8/uint8; stream: non-temporal stores (codes 64-byte aligned, n % 64 == 0).
+// codes: n int8/uint8; stream: non-temporal stores (codes 64-byte aligned, n % 64 == 0);
+// dynamic: the scale came from these values' extremes (symmetric: no clamping needed).
 OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams& q, void* codes, bool stream,
-                                       fwht::Prefetch& pf) {
+                                       bool dynamic, fwht::Prefetch& pf) {
   if (q.scale == 0.0f) {
     std::memset(codes, 0, static_cast<size_t>(n));
     return;
@@ -391,9 +415,13 @@ OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams&
   const QVec c(q);
   int8_t* cp = static_cast<int8_t*>(codes);
   if (q.asym)
-    stream ? avx512_quantize_t<true, true>(z, n, c, cp, pf) : avx512_quantize_t<true, false>(z, n, c, cp, pf);
+    stream ? avx512_quantize_t<true, true, true>(z, n, c, cp, pf) : avx512_quantize_t<true, false, true>(z, n, c, cp, pf);
+  else if (dynamic)
+    stream ? avx512_quantize_t<false, true, false>(z, n, c, cp, pf)
+           : avx512_quantize_t<false, false, false>(z, n, c, cp, pf);
   else
-    stream ? avx512_quantize_t<false, true>(z, n, c, cp, pf) : avx512_quantize_t<false, false>(z, n, c, cp, pf);
+    stream ? avx512_quantize_t<false, true, true>(z, n, c, cp, pf)
+           : avx512_quantize_t<false, false, true>(z, n, c, cp, pf);
 }
 
 // Transformed row into z (z == y allowed when K == 1) and its extremes, merged into st.
@@ -533,7 +561,7 @@ struct RQ {
   Plan pl;
   int dt = kF32;
   int64_t n = 0;
-  bool rotate = true, asym = false, vec = false, stream = false;
+  bool rotate = true, asym = false, vec = false, stream = false, dynamic = true;
   const char* x = nullptr;
   const float* m = nullptr;       // multiplier (rotate)
   const float* smooth = nullptr;  // K = 0 only
@@ -579,7 +607,7 @@ struct RQ {
 
   void quantize(const float* zr, const QParams& q, void* codes, fwht::Prefetch* pf) const {
 #ifdef OOD_FAST_X86
-    if (vec) return avx512_quantize(zr, n, q, codes, stream, *pf);
+    if (vec) return avx512_quantize(zr, n, q, codes, stream, dynamic, *pf);
 #endif
     generic_quantize(zr, n, q, codes);
   }
@@ -633,6 +661,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   const bool z_is_y = rq.vec && rq.rotate && K == 1;
   const size_t nbuf = static_cast<size_t>((n + 15) / 16 * 16);
   const int nt = pick_threads(num_threads, std::max<int64_t>(rows, 1), n);
+  rq.dynamic = !is_static;
   rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
 
   if (per_token || is_static) {
