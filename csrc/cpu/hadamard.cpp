@@ -102,6 +102,9 @@ inline void store_elem(void* p, int dt, int64_t i, float v) {
 }
 
 bool use_avx512() {
+#ifndef OOD_FAST_X86
+  return false;  // built without the AVX-512 kernels (OOD_FAST_PORTABLE_ONLY or not x86)
+#endif
   static const bool has = cpu_has_avx512f();
   const char* env = std::getenv("OOD_FAST_HADAMARD_ISA");
   if (env && std::string(env) == "generic") return false;
