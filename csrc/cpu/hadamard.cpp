@@ -668,15 +668,17 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
 
   if (per_token || is_static) {
-    // Software-pipelined by one row: row r is transformed (into the buffer pair r % 2) before row
-    // r - 1 is quantized, so that the quantizer's wait for row r's scale (the end of its
-    // transform, a horizontal reduction, two divisions) overlaps independent work instead of
-    // stalling every short row.
+    // Short rows (<= 16 KiB of fp32) are software-pipelined by one row: row r is transformed (into
+    // the buffer pair r % 2) before row r - 1 is quantized, so that the quantizer's wait for row
+    // r's scale (the end of its transform, a horizontal reduction, two divisions) overlaps
+    // independent work instead of stalling every short row. Long rows amortize that wait and
+    // would lose L1 to the second buffer: quantized at once, from one buffer.
+    const bool pipe = nbuf * 4 <= 16384;
     std::vector<gemm::Buffer<float>> ys(nt), zs(2 * nt);
     for (int t = 0; t < nt; ++t) {
       ys[t].resize(nbuf);
       zs[2 * t].resize(nbuf);
-      zs[2 * t + 1].resize(nbuf);
+      if (pipe) zs[2 * t + 1].resize(nbuf);
     }
     if (!per_token) scales[0] = sstat;
 #pragma omp parallel num_threads(nt)
@@ -690,7 +692,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
         const float* zr = nullptr;
         QParams q;
         if (r < r1) {
-          float* z = zs[2 * t + (r & 1)].data();
+          float* z = zs[2 * t + (pipe ? (r & 1) : 0)].data();
           float* y = z_is_y ? z : ys[t].data();
           Stats st;
           pf = rq.next(r, r1);
@@ -700,6 +702,10 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
             scales[r] = q.scale;
             if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
           }
+        }
+        if (!pipe) {
+          if (zr) rq.quantize(zr, q, codes + r * n, &pf);
+          continue;
         }
         if (prev) rq.quantize(prev, qprev, codes + (r - 1) * n, &pf);
         prev = zr;
