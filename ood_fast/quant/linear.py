@@ -1,0 +1,270 @@
+"""W8A8 linear layer with an optional online rotation and smoothing of its input.
+
+``QuantLinear`` computes ``y = x Wᵀ + b`` (``x [..., K]``, ``W [N, K]``) as
+
+    x' = (x / smooth) @ R                    # online, fused into ops.rotate_quantize
+    qx, sx = quantize(x')                    # int8 symmetric, per token or per tensor
+    y = sx * sw * (qx @ qwᵀ) + b             # ops.int8_linear, int32 accumulation
+
+with the weight prepared offline, in float64, as ``W' = W diag(smooth) R`` and then quantized
+per output channel (``qw int8 [N, K]``, ``sw fp32 [N]``). Since R is orthogonal,
+``x' W'ᵀ = (x / s) R Rᵀ diag(s) Wᵀ = x Wᵀ``: without quantization the float function is unchanged
+(this is what the computational-invariance tests check, with ``w_bits=a_bits=None``).
+
+``R`` is None, a :class:`~ood_fast.reference.hadamard.HadamardRotation` (applied by the fast
+Walsh-Hadamard kernels, ``O(K log K)`` per token) or a dense orthogonal ``[K, K]`` matrix (a
+torch matmul, ``O(K²)`` per token, before the quantize-only kernel).
+
+Either quantization can be switched off (``w_bits=None`` keeps the fp32 ``W'``,
+``a_bits=None`` keeps the rotated activation in fp32): the transforms use that to calibrate
+static activation scales on the rotated float model and the tests to check invariance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+__all__ = ["QuantLinear", "quantize_linear", "rotation_matrix"]
+
+_GRANULARITIES = ("per_token", "per_tensor")
+
+
+def _hadamard_rotation_cls():
+    from ..reference.hadamard import HadamardRotation
+
+    return HadamardRotation
+
+
+def _check_bits(bits, name):
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be an int in 2..8 or None (no quantization), got {bits!r}")
+    return bits
+
+
+def rotation_matrix(rotation, n: int) -> torch.Tensor | None:
+    """The fp64 ``[n, n]`` matrix R of a rotation spec (applied ``x ↦ x R``), or None.
+
+    ``rotation``: None, ``"hadamard"`` (orthonormal Hadamard without signs), a
+    ``HadamardRotation`` or a dense ``[n, n]`` float tensor (checked to be orthogonal to 1e-4:
+    a non-orthogonal R would change the float function).
+    """
+    if rotation is None:
+        return None
+    hr = _hadamard_rotation_cls()
+    if isinstance(rotation, str):
+        if rotation != "hadamard":
+            raise ValueError(f"rotation: unknown spec {rotation!r}; expected 'hadamard'")
+        from ..reference.hadamard import hadamard_matrix
+
+        return hadamard_matrix(n, dtype=torch.float64) / math.sqrt(n)
+    if isinstance(rotation, hr):
+        m = rotation.matrix(dtype=torch.float64)
+        if m.shape != (n, n):
+            raise ValueError(
+                f"rotation: HadamardRotation of size {m.shape[0]} for {n} input features"
+            )
+        return m
+    if isinstance(rotation, torch.Tensor):
+        if not rotation.dtype.is_floating_point:
+            raise TypeError(f"rotation: dense rotation must be floating, got {rotation.dtype}")
+        if rotation.shape != (n, n):
+            raise ValueError(
+                f"rotation: dense rotation must be [{n}, {n}], got {tuple(rotation.shape)}"
+            )
+        m = rotation.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("rotation: dense rotation has NaN/Inf entries")
+        err = float((m @ m.T - torch.eye(n, dtype=torch.float64)).abs().max())
+        if err > 1e-4:
+            raise ValueError(
+                f"rotation: dense rotation is not orthogonal (max |R Rᵀ - I| = {err:.3g}); the "
+                "weight fusion W R relies on R Rᵀ = I"
+            )
+        return m
+    raise TypeError(
+        "rotation: expected None, 'hadamard', a HadamardRotation or a dense [n, n] tensor, got "
+        f"{type(rotation).__name__}"
+    )
+
+
+class QuantLinear(nn.Module):
+    """W8A8 replacement for ``nn.Linear`` (build it with :func:`quantize_linear`).
+
+    ``forward(x [..., in_features]) -> [..., out_features]`` in x's dtype (fp32 arithmetic).
+
+    Buffers: ``qweight`` int8 ``[N, K]`` + ``wscale`` fp32 ``[N]`` (or ``weight`` fp32 ``[N, K]``
+    when ``w_bits`` is None), ``bias`` fp32 ``[N]`` or None, ``smooth`` fp32 ``[K]`` or None,
+    ``rot`` (the HadamardRotation's signs fp32 ``[K]``, or the dense fp32 ``[K, K]``, or None),
+    ``act_scale`` fp32 scalar (static per-tensor activation scale) or None.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        w_bits: int | None = 8,
+        a_bits: int | None = 8,
+        act_granularity: str = "per_token",
+    ):
+        super().__init__()
+        if act_granularity not in _GRANULARITIES:
+            raise ValueError(
+                f"act_granularity must be one of {_GRANULARITIES}, got {act_granularity!r}"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.w_bits = _check_bits(w_bits, "w_bits")
+        self.a_bits = _check_bits(a_bits, "a_bits")
+        self.act_granularity = act_granularity
+        self.rot_kind = "none"  # "none" | "hadamard" (rot = signs or None) | "dense"
+        for name in ("qweight", "wscale", "weight", "bias", "smooth", "rot", "act_scale"):
+            self.register_buffer(name, None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"w_bits={self.w_bits}, a_bits={self.a_bits}, act={self.act_granularity}"
+            f"{' static' if self.act_scale is not None else ''}, rotation={self.rot_kind}, "
+            f"smooth={self.smooth is not None}, bias={self.bias is not None}"
+        )
+
+    # ------------------------------------------------------------------ pieces
+
+    def rotation_spec(self):
+        """The rotation argument for ``ops.rotate_quantize``: None, ``"hadamard"``, a
+        ``HadamardRotation`` or the dense fp32 matrix."""
+        if self.rot_kind == "none":
+            return None
+        if self.rot_kind == "dense":
+            return self.rot
+        if self.rot is None:
+            return "hadamard"
+        return _hadamard_rotation_cls()(self.in_features, self.rot)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The effective fp32 weight ``W' [N, K]`` the layer multiplies the rotated input by."""
+        if self.w_bits is None:
+            return self.weight
+        return self.qweight.float() * self.wscale[:, None]
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x / smooth) @ R`` in fp32, unquantized (``x [M, K]``); for calibration and tests."""
+        x = x.float()
+        if self.smooth is not None:
+            x = x / self.smooth
+        if self.rot_kind == "dense":
+            return x @ self.rot
+        if self.rot_kind == "hadamard":
+            return ops.hadamard(x, 1.0 / math.sqrt(self.in_features), signs=self.rot)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise TypeError("QuantLinear: input must be a floating tensor")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantLinear: expected [..., {self.in_features}] input, got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.a_bits is None:
+            out = F.linear(self.transform_input(x2), self.dequantized_weight(), self.bias)
+        else:
+            static = None if self.act_scale is None else float(self.act_scale)
+            q = ops.rotate_quantize(
+                x2 if x2.dtype != torch.float64 else x2.float(),
+                rotation=self.rotation_spec(),
+                smooth=self.smooth,
+                granularity=self.act_granularity,
+                symmetric=True,
+                static_scale=static,
+                bits=self.a_bits,
+            )
+            if self.w_bits is None:
+                out = F.linear(ops.dequantize(q), self.weight, self.bias)
+            else:
+                out = ops.int8_linear(
+                    q.codes, q.scale, self.qweight, self.wscale, self.bias, out_dtype=torch.float32
+                )
+        return out.reshape(*lead, self.out_features).to(x.dtype)
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    *,
+    rotation=None,
+    smooth: torch.Tensor | None = None,
+    act_granularity: str = "per_token",
+    static_scale: float | None = None,
+    w_bits: int | None = 8,
+    a_bits: int | None = 8,
+    w_percentile: float | None = None,
+) -> QuantLinear:
+    """Build a :class:`QuantLinear` computing the same float function as ``linear``.
+
+    The effective weight ``W diag(smooth) R`` is formed in float64 from ``linear``'s weight
+    (any float dtype), then quantized symmetric per output channel with
+    ``ops.quantize_weight(bits=w_bits, percentile=w_percentile)`` (kept fp32 when ``w_bits`` is
+    None). ``static_scale`` (float > 0) fixes a per-tensor activation scale (needs
+    ``act_granularity="per_tensor"``); without it the scale is dynamic (per token or per tensor).
+    """
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"quantize_linear: expected an nn.Linear, got {type(linear).__name__}")
+    if act_granularity not in _GRANULARITIES:
+        raise ValueError(
+            f"act_granularity must be one of {_GRANULARITIES}, got {act_granularity!r}"
+        )
+    w_bits = _check_bits(w_bits, "w_bits")
+    a_bits = _check_bits(a_bits, "a_bits")
+    n_out, n_in = linear.weight.shape
+    w = linear.weight.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("quantize_linear: the weight has NaN/Inf entries")
+    if static_scale is not None:
+        if act_granularity != "per_tensor":
+            raise ValueError("static_scale needs act_granularity='per_tensor'")
+        static_scale = float(static_scale)
+        if not math.isfinite(static_scale) or static_scale <= 0:
+            raise ValueError(f"static_scale must be a finite float > 0, got {static_scale}")
+    if smooth is not None:
+        smooth = torch.as_tensor(smooth).detach().to(device="cpu", dtype=torch.float64)
+        if smooth.shape != (n_in,):
+            raise ValueError(f"smooth must be [{n_in}], got {tuple(smooth.shape)}")
+        if not bool(torch.isfinite(smooth).all()) or not bool((smooth > 0).all()):
+            raise ValueError("smooth must be finite and > 0 (it divides the activation)")
+        w = w * smooth[None, :]
+    rmat = rotation_matrix(rotation, n_in)
+    if rmat is not None:
+        w = w @ rmat
+
+    device = linear.weight.device
+    q = QuantLinear(n_in, n_out, w_bits=w_bits, a_bits=a_bits, act_granularity=act_granularity)
+    if w_bits is None:
+        q.weight = w.to(torch.float32)
+    else:
+        qw, sw = ops.quantize_weight(w.to(torch.float32), bits=w_bits, percentile=w_percentile)
+        q.qweight, q.wscale = qw, sw.to(torch.float32)
+    if linear.bias is not None:
+        q.bias = linear.bias.detach().to(device="cpu", dtype=torch.float32).clone()
+    if smooth is not None:
+        q.smooth = smooth.to(torch.float32)
+    if rotation is not None:
+        if isinstance(rotation, str):
+            q.rot_kind, q.rot = "hadamard", None
+        elif isinstance(rotation, torch.Tensor):
+            q.rot_kind, q.rot = "dense", rmat.to(torch.float32)
+        else:
+            signs = getattr(rotation, "signs", None)
+            q.rot_kind = "hadamard"
+            q.rot = None if signs is None else signs.detach().to("cpu", torch.float32).clone()
+    if static_scale is not None:
+        q.act_scale = torch.tensor(static_scale, dtype=torch.float32)
+    return q.to(device)
