@@ -4,7 +4,8 @@ One pytest-benchmark group per case (``ood_fast.bench.quant_cases("default")``);
 their checks come from ``ood_fast.bench`` (the same code as ``ood-fast bench --workload quant``):
 
 * ``hadamard n=… fp32 64 MB``   ours (the backend that auto-selects; ``extra_info["backend_used"]``
-                                 says which ran) vs ``dst.copy_(src)`` of the same bytes into a
+                                 says which ran; ``check_finite=False``, and "ours:scan" with the
+                                 op's default NaN/Inf scan of the input, no bar) vs ``dst.copy_(src)`` of the same bytes into a
                                  preallocated buffer (bar: >= 0.8×, K·2^m sizes >= 0.5×) and, at
                                  n = 4096, a dense ``torch.matmul(x, H, out=)`` (bar: >= 50×);
                                  n ∈ {256, 1024, 4096, 8192} and 1536 = 12·2^7, 3584 = 28·2^7,
@@ -111,7 +112,7 @@ HADAMARD = [k for k in CASES if k.startswith("hadamard:")]
 
 @pytest.mark.parametrize(
     "key,spec",
-    [(k, s) for k in HADAMARD for s in ("ours", "copy")]
+    [(k, s) for k in HADAMARD for s in ("ours", "ours:scan", "copy")]
     + [(k, "dense") for k in HADAMARD if CASES[k].n in DENSE_NS],
 )
 def test_hadamard(benchmark, key, spec):

@@ -2021,7 +2021,9 @@ class QuantCase:
         return "GOP/s" if self.op == "int8_linear" else "GB/s"
 
     def bars(self, role: str) -> dict:
-        """{peer role: bar} for our candidate of this role ("op" or "w8a8")."""
+        """{peer role: bar} for our candidate of this role ("op" or "w8a8"; others: none)."""
+        if role not in ("op", "w8a8"):
+            return {}
         if self.op == "int8_linear":
             return dict(QUANT_BARS["w8a8_linear" if role == "w8a8" else "int8_linear"])
         if self.op == "hadamard":
@@ -2188,6 +2190,14 @@ def _ops_or_reason() -> tuple[Any, str | None]:
     return ops, None
 
 
+def _no_scan(ops) -> dict:
+    """``{"check_finite": False}`` where the ops take it (they do since quant-py), else {}."""
+    import inspect
+
+    ok = "check_finite" in inspect.signature(ops.rotate_quantize).parameters
+    return {"check_finite": False} if ok else {}
+
+
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max |got − ref| / max |ref| (float64)."""
     ref = ref.to(torch.float64)
@@ -2270,6 +2280,11 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
         return why
     label = f"ours {backend}" if backend else "ours (auto)"
     n = case.n
+    # The kernel rows skip the ops' NaN/Inf scan of the input (``check_finite=False``: one
+    # extra read of x, which the bandwidth bars are not about); role "scan" times the default.
+    fin = {} if role == "scan" else _no_scan(ops)
+    if role == "scan":
+        label += " + NaN scan (default)"
 
     if case.op == "hadamard":
 
@@ -2277,7 +2292,7 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             return {"out": torch.empty_like(inp["x"])}
 
         def score(st, x):
-            return ops.hadamard(x, out=st["out"][: x.shape[0]], backend=backend)
+            return ops.hadamard(x, out=st["out"][: x.shape[0]], backend=backend, **fin)
 
         def check(st, inp):
             x = inp["x"][:QUANT_CHECK_ROWS]
@@ -2288,8 +2303,9 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             return {"max_rel_diff": err}
 
         return QuantCandidate(
-            label, "ours", case.name, case.op, prepare, score, check, backend=backend, sliced=True
-        )
+            label, "ours", case.name, case.op, prepare, score, check, role=role, backend=backend,
+            sliced=True,
+        )  # fmt: skip
 
     if case.op == "rotate_quantize":
 
@@ -2309,7 +2325,7 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             o, r = st["out"], x.shape[0]
             buf = o._replace(codes=o.codes[:r], scale=o.scale[:r])
             return ops.rotate_quantize(
-                x, st["rot"], granularity="per_token", out=buf, backend=backend
+                x, st["rot"], granularity="per_token", out=buf, backend=backend, **fin
             )
 
         def check(st, inp):
@@ -2329,7 +2345,7 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
 
         return QuantCandidate(
             label + " random H", "ours", case.name, case.op, prepare, score, check,
-            backend=backend, sliced=True,
+            role=role, backend=backend, sliced=True,
         )  # fmt: skip
 
     # int8_linear
@@ -2396,8 +2412,9 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
         def score(st, x):
             r, o = x.shape[0], st["q"]
             q = ops.rotate_quantize(
-                x, st["rot"], out=o._replace(codes=o.codes[:r], scale=o.scale[:r]), backend=backend
-            )
+                x, st["rot"], out=o._replace(codes=o.codes[:r], scale=o.scale[:r]), backend=backend,
+                **fin,
+            )  # fmt: skip
             return ops.int8_linear(
                 q.codes, q.scale, st["qw"], st["sw"], case.inputs["b"], out=st["out"][:r],
                 backend=backend,
@@ -2412,9 +2429,11 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
 
     # role == "quantlinear": the model layer, as a user calls it
     try:
-        from .quant import quantize_linear
+        from .quant.linear import quantize_linear
     except Exception as exc:
-        return f"ood_fast.quant.quantize_linear is not available ({type(exc).__name__}: {exc})"
+        return (
+            f"ood_fast.quant.linear.quantize_linear is not available ({type(exc).__name__}: {exc})"
+        )
 
     def prepare(inp):
         lin = torch.nn.Linear(n, case.n_out)
@@ -2555,6 +2574,8 @@ def quant_candidates(
     roles = ["op"]
     if case.op == "int8_linear":
         roles += ["w8a8"] + (["quantlinear"] if quantlinear else [])
+    else:
+        roles.append("scan")
     for b in list(backends) if backends is not None else [None]:
         for role in roles:
             c = _quant_ours(case, b, role)
@@ -2762,7 +2783,48 @@ def _synthetic_sources(dim: int, tokens: int, seed: int = 0) -> list[dict]:
 
 
 def _mamba_sources(d_model: int, tokens: int, seed: int = 0) -> list[dict]:
-    raise NotImplementedError("ood_fast.quant's Mamba block is not merged yet")
+    """The inputs of the linears of the last block of ``ood_fast.quant.mamba.random_mamba`` (2
+    layers, outliers injected: 4 channels ×20 in the residual stream and the in_proj x/z
+    rows), captured with forward hooks on random token ids: ``tokens`` calibration tokens (the
+    first sequences) and ``tokens`` test tokens, for in_proj (n = d_model), x_proj and out_proj
+    (n = 2·d_model, out_proj's input is the gated SSM output)."""
+    from .quant.mamba import MambaConfig, random_mamba
+
+    cfg = MambaConfig(d_model=d_model, n_layer=2, vocab_size=512)
+    model = random_mamba(cfg, seed=seed, outlier_channels=4, outlier_scale=20.0).eval()
+    mixer = model.backbone.layers[-1].mixer
+    seq = 128
+    batch = max(2, 2 * tokens // seq)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(mixer, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, args[0].detach())
+        )
+        for name in ("in_proj", "x_proj", "out_proj")
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for name in ("in_proj", "x_proj", "out_proj"):
+        x = seen[name].reshape(batch, seq, -1).float()
+        half = batch // 2
+        lin = getattr(mixer, name)
+        out.append(
+            {
+                "name": f"mamba block {name} (d_model={d_model})",
+                "x_cal": x[:half].reshape(-1, x.shape[-1]),
+                "x_test": x[half:].reshape(-1, x.shape[-1]),
+                "weight": lin.weight.detach().float(),
+                "bias": None if lin.bias is None else lin.bias.detach().float(),
+            }
+        )
+    return out
 
 
 def run_quant_sqnr(preset: str = "default", progress: bool = True) -> tuple[list[dict], list]:
