@@ -4,18 +4,21 @@ The float model is checked against an independent numpy float64 implementation (
 gate, norms, written from the equations); the transforms against the float model.
 """
 
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from ood_fast.quant import QuantLinear, quantize_linear, quantize_mamba
 from ood_fast.quant.mamba import (
     MambaConfig,
     MambaLM,
     random_mamba,
     selective_scan,
 )
+from ood_fast.reference.hadamard import HadamardRotation, random_hadamard
 
 CFG = dict(d_model=48, n_layer=2, vocab_size=96, d_state=8)  # d_inner 96 = 12·8, dt_rank 3
 
@@ -247,3 +250,302 @@ def test_gate_scale_is_scaled_silu():
     mx.gate_scale = s
     # SSiLU_s(z / s) = SiLU(z) / s  (the identity the S-SiLU fold relies on)
     torch.testing.assert_close(mx.gate(z / s), nn.functional.silu(z) / s, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ QuantLinear
+
+
+def _linear(k=96, n=64, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) / math.sqrt(k))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return lin
+
+
+def _outlier_x(m=256, k=96, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, [3, 40, 77]] *= 60.0  # a few massive channels, as in LLM / Mamba activations
+    return x
+
+
+def _emulate(x, q: QuantLinear):
+    """Independent float64 emulation of the W8A8 forward (per-token, symmetric, bits=8)."""
+    xd = x.double()
+    if q.smooth is not None:
+        xd = xd / q.smooth.double()
+    r = None
+    if q.rot_kind == "dense":
+        r = q.rot.double()
+    elif q.rot_kind == "hadamard":
+        r = HadamardRotation(q.in_features, q.rot).matrix()
+    if r is not None:
+        xd = xd @ r
+    y = xd.numpy()
+    scale = np.abs(y).max(1, keepdims=True) / 127.0
+    codes = np.clip(np.rint(y / scale), -127, 127)
+    acc = codes @ q.qweight.double().numpy().T
+    out = acc * scale * q.wscale.double().numpy()[None, :]
+    if q.bias is not None:
+        out = out + q.bias.double().numpy()
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("rotation", [None, "hadamard", "signed", "dense"])
+def test_quant_linear_matches_emulation_and_float(rotation):
+    lin = _linear()
+    x = _outlier_x()
+    rot = {
+        None: None,
+        "hadamard": "hadamard",
+        "signed": random_hadamard(96, seed=3),
+        "dense": torch.linalg.qr(torch.randn(96, 96, dtype=torch.float64))[0],
+    }[rotation]
+    smooth = torch.rand(96) + 0.5
+    q = quantize_linear(lin, rotation=rot, smooth=smooth, act_granularity="per_token")
+    assert q.qweight.dtype == torch.int8 and q.wscale.shape == (64,)
+    out = q(x)
+    assert out.shape == (256, 64) and out.dtype == torch.float32
+    # the kernels' result is the emulated int8 computation (a code may differ by one at a
+    # rounding tie between the two float paths: far above 60 dB either way)
+    assert _sqnr_db(_emulate(x, q), out) > 60
+    with torch.no_grad():
+        ref = lin(x)
+    s = _sqnr_db(ref, out)
+    assert s > (30 if rotation is None else 35), s
+    # unquantized: the same float function (W diag(s) R and (x / s) R cancel)
+    f = quantize_linear(lin, rotation=rot, smooth=smooth, w_bits=None, a_bits=None)
+    with torch.no_grad():
+        assert _rel(f(x), ref) < 1e-5
+
+
+def test_quant_linear_rotation_beats_plain_per_tensor():
+    """W8A8 with a dynamic per-tensor scale on activations with massive channels: the online
+    Hadamard spreads them (SQNR gain of many dB)."""
+    lin, x = _linear(), _outlier_x()
+    with torch.no_grad():
+        ref = lin(x)
+    plain = _sqnr_db(ref, quantize_linear(lin, act_granularity="per_tensor")(x))
+    rot = _sqnr_db(
+        ref,
+        quantize_linear(lin, rotation=random_hadamard(96, 1), act_granularity="per_tensor")(x),
+    )
+    assert rot > plain + 6, (plain, rot)
+    # static scale: absmax/127 of the rotated calibration input reproduces the dynamic result
+    h = random_hadamard(96, 1)
+    amax = float(h.apply(x).abs().max())
+    st = quantize_linear(lin, rotation=h, act_granularity="per_tensor", static_scale=amax / 127)
+    assert _sqnr_db(ref, st(x)) == pytest.approx(rot, abs=0.05)
+
+
+def test_quant_linear_keeps_leading_dims_and_dtype():
+    lin = _linear(bias=False)
+    q = quantize_linear(lin, rotation="hadamard")
+    x = torch.randn(2, 3, 5, 96)
+    out = q(x)
+    assert out.shape == (2, 3, 5, 64) and lin.bias is None and q.bias is None
+    torch.testing.assert_close(out, q(x.reshape(-1, 96)).reshape(2, 3, 5, 64))
+    ob = q(x.to(torch.bfloat16))
+    assert ob.dtype == torch.bfloat16 and ob.shape == (2, 3, 5, 64)
+    # 4-bit weights and activations still run (codes within ±7) and are worse than 8-bit
+    with torch.no_grad():
+        ref = lin(x)
+    q4 = quantize_linear(lin, rotation="hadamard", w_bits=4, a_bits=4)
+    assert int(q4.qweight.abs().max()) <= 7
+    assert _sqnr_db(ref, q4(x)) < _sqnr_db(ref, out) - 10
+
+
+def test_quant_linear_bad_input():
+    lin = _linear()
+    with pytest.raises(TypeError, match="nn.Linear"):
+        quantize_linear(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="act_granularity"):
+        quantize_linear(lin, act_granularity="per_channel")
+    with pytest.raises(ValueError, match="static_scale needs"):
+        quantize_linear(lin, static_scale=0.1)
+    with pytest.raises(ValueError, match="static_scale must be"):
+        quantize_linear(lin, act_granularity="per_tensor", static_scale=-1.0)
+    with pytest.raises(ValueError, match="w_bits"):
+        quantize_linear(lin, w_bits=9)
+    with pytest.raises(ValueError, match="smooth must be"):
+        quantize_linear(lin, smooth=torch.ones(5))
+    with pytest.raises(ValueError, match="smooth must be finite and > 0"):
+        quantize_linear(lin, smooth=-torch.ones(96))
+    with pytest.raises(ValueError, match="not orthogonal"):
+        quantize_linear(lin, rotation=2 * torch.eye(96))
+    with pytest.raises(ValueError, match=r"\[96, 96\]"):
+        quantize_linear(lin, rotation=torch.eye(5))
+    with pytest.raises(ValueError, match="Hadamard|supported|factor"):
+        quantize_linear(_linear(k=97), rotation="hadamard")
+    with torch.no_grad():
+        bad = _linear()
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_linear(bad)
+    q = quantize_linear(lin)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 96\]"):
+        q(torch.randn(4, 95))
+    with pytest.raises(TypeError, match="floating"):
+        q(torch.ones(4, 96, dtype=torch.int32))
+    x = torch.randn(4, 96)
+    x[1, 2] = float("inf")
+    with pytest.raises(ValueError):
+        q(x)
+
+
+# ------------------------------------------------------------------ quantize_mamba
+
+
+@pytest.fixture(scope="module")
+def outlier_lm():
+    cfg = MambaConfig(**CFG)
+    model = random_mamba(cfg, seed=0)
+    calib = [
+        torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(i))
+        for i in range(2)
+    ]
+    test = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ref = model(test)
+    return model, calib, test, ref
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "quarot", "mambaquant"])
+def test_transforms_are_computationally_invariant(outlier_lm, method):
+    model, calib, test, ref = outlier_lm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    f = quantize_mamba(model, calib, method, w_bits=None, a_bits=None)
+    with torch.no_grad():
+        out = f(test)
+    assert _rel(out, ref) < 1e-5, method
+    # the input model is untouched, and the transformed one really is transformed
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    mixer = f.backbone.layers[0].mixer
+    assert isinstance(mixer.in_proj, QuantLinear) and isinstance(f.lm_head, QuantLinear)
+    changed = not torch.allclose(f.backbone.embedding.weight, model.backbone.embedding.weight)
+    assert changed == (method in ("quarot", "mambaquant"))
+    assert (mixer.gate_scale is not None) == (method in ("smoothquant", "mambaquant"))
+    assert (mixer.out_proj.rot_kind == "hadamard") == (method in ("quarot", "mambaquant"))
+    if method in ("quarot", "mambaquant"):
+        torch.testing.assert_close(f.backbone.layers[1].norm.weight, torch.ones(48))
+
+
+def test_mambaquant_klt_equalizes_channel_variance(outlier_lm):
+    """R1 (pooled over every norm) and R5 (per layer) are KLT-H: on the calibration data each
+    rotated channel has the same variance tr(Σ)/n."""
+    from ood_fast.quant import CovarianceAccumulator
+
+    model, calib, _, _ = outlier_lm
+    f = quantize_mamba(model, calib, "mambaquant", w_bits=None, a_bits=None)
+
+    def out_hook(acc):
+        def hook(_m, _a, o):
+            acc.update(o.double())  # returns the accumulator: a hook must return None
+
+        return hook
+
+    def in_hook(acc):
+        def hook(_m, a):
+            acc.update(a[0].double())
+
+        return hook
+
+    res = CovarianceAccumulator(48)
+    dts = [CovarianceAccumulator(3) for _ in range(2)]
+    hooks = [f.backbone.norm_f.register_forward_hook(out_hook(res))]
+    for i, layer in enumerate(f.backbone.layers):
+        hooks.append(layer.norm.register_forward_hook(out_hook(res)))
+        hooks.append(layer.mixer.dt_proj.register_forward_pre_hook(in_hook(dts[i])))
+    with torch.no_grad():
+        for b in calib:
+            f(b)
+    for h in hooks:
+        h.remove()
+    for acc in [res, *dts]:
+        var = torch.diagonal(acc.covariance)
+        assert float(var.max() / var.min()) < 1.001, var
+    # the float model's own in_proj input is far from equalised
+    plain = CovarianceAccumulator(48)
+    h = model.backbone.layers[0].mixer.in_proj.register_forward_pre_hook(in_hook(plain))
+    with torch.no_grad():
+        model(calib[0])
+    h.remove()
+    var = torch.diagonal(plain.covariance)
+    assert float(var.max() / var.min()) > 100
+
+
+def test_mambaquant_beats_quarot_and_rtn(outlier_lm, capsys):
+    """W8A8 static per-tensor on the random LM with injected outliers (channel outliers,
+    dense spiked residual covariance, outlier weight rows): logits SQNR vs the float model."""
+    model, calib, test, ref = outlier_lm
+    sq = {}
+    for method in ("rtn", "smoothquant", "quarot", "mambaquant"):
+        q = quantize_mamba(model, calib, method)
+        lin = q.backbone.layers[0].mixer.x_proj
+        assert lin.act_scale is not None and lin.qweight.dtype == torch.int8
+        with torch.no_grad():
+            sq[method] = _sqnr_db(ref, q(test))
+    with capsys.disabled():
+        print("\nW8A8 per-tensor logits SQNR dB:", {k: round(v, 2) for k, v in sq.items()})
+    assert sq["quarot"] > sq["rtn"] + 3, sq
+    assert sq["smoothquant"] > sq["rtn"], sq
+    assert sq["mambaquant"] > sq["quarot"] + 2, sq
+    assert sq["mambaquant"] > sq["smoothquant"] + 2, sq
+
+
+def test_quantize_mamba_options(outlier_lm):
+    model, calib, test, ref = outlier_lm
+    q = quantize_mamba(model, calib[:1], "quarot", act_granularity="per_token", quantize_head=False)
+    assert isinstance(q.lm_head, nn.Linear) and not isinstance(q.lm_head, QuantLinear)
+    assert q.backbone.layers[0].mixer.in_proj.act_scale is None
+    with torch.no_grad():
+        assert _sqnr_db(ref, q(test)) > 30
+    # online KLT (dense rotations) and a single [B, L] tensor as the calibration set
+    q = quantize_mamba(model, calib[0], "mambaquant", online_klt=True, w_bits=None, a_bits=None)
+    assert q.backbone.layers[0].mixer.x_proj.rot_kind == "dense"
+    with torch.no_grad():
+        assert _rel(q(test), ref) < 1e-5
+
+
+def test_quantize_mamba_bad_input(outlier_lm):
+    model, calib, _, _ = outlier_lm
+    with pytest.raises(ValueError, match="method"):
+        quantize_mamba(model, calib, "gptq")
+    with pytest.raises(TypeError, match="MambaLM"):
+        quantize_mamba(nn.Linear(3, 3), calib)
+    with pytest.raises(ValueError, match="no calibration"):
+        quantize_mamba(model, [])
+    with pytest.raises(TypeError, match="integer"):
+        quantize_mamba(model, [torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="outside"):
+        quantize_mamba(model, [torch.full((2, 4), 500)])
+    with pytest.raises(ValueError, match="act_granularity"):
+        quantize_mamba(model, calib, act_granularity="per_channel")
+    with pytest.raises(ValueError, match="a_bits"):
+        quantize_mamba(model, calib, a_bits=16)
+    q = quantize_mamba(model, calib[:1], "rtn")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_mamba(q, calib)
+    bad = random_mamba(MambaConfig(**CFG), seed=0)
+    with torch.no_grad():
+        bad.backbone.layers[0].mixer.D[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_mamba(bad, calib)
+
+
+@pytest.mark.parametrize("n", [3, 5, 17])
+def test_equalizing_rotation_for_non_hadamard_sizes(n):
+    from ood_fast.quant.transforms import _equalizing_rotation
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a[:, 0] *= 30.0  # one dominant direction
+    cov = a @ a.T
+    q = _equalizing_rotation(cov)
+    torch.testing.assert_close(q.T @ q, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    d = torch.diagonal(q.T @ cov @ q)
+    torch.testing.assert_close(d, torch.full((n,), float(cov.trace()) / n, dtype=torch.float64))

@@ -2,6 +2,9 @@
 
 Calibration (``ood_fast.quant.calibration``): ``CovarianceAccumulator``, ``klt_rotation``,
 ``AbsMaxObserver``, ``PercentileObserver``, ``smooth_scales``.
+Layers and models: ``QuantLinear`` / ``quantize_linear`` (``linear``), the plain-torch Mamba-1
+LM (``mamba``: ``MambaConfig``, ``MambaLM``, ``MambaMixer``, ``MambaBlock``, ``RMSNorm``,
+``selective_scan``, ``random_mamba``) and ``quantize_mamba`` (``transforms``).
 """
 
 from .calibration import (
@@ -11,11 +14,33 @@ from .calibration import (
     klt_rotation,
     smooth_scales,
 )
+from .linear import QuantLinear, quantize_linear
+from .mamba import (
+    MambaBlock,
+    MambaConfig,
+    MambaLM,
+    MambaMixer,
+    RMSNorm,
+    random_mamba,
+    selective_scan,
+)
+from .transforms import METHODS, quantize_mamba
 
 __all__ = [
     "AbsMaxObserver",
     "CovarianceAccumulator",
+    "METHODS",
+    "MambaBlock",
+    "MambaConfig",
+    "MambaLM",
+    "MambaMixer",
     "PercentileObserver",
+    "QuantLinear",
+    "RMSNorm",
     "klt_rotation",
+    "quantize_linear",
+    "quantize_mamba",
+    "random_mamba",
+    "selective_scan",
     "smooth_scales",
 ]

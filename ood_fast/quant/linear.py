@@ -125,6 +125,7 @@ class QuantLinear(nn.Module):
         self.a_bits = _check_bits(a_bits, "a_bits")
         self.act_granularity = act_granularity
         self.rot_kind = "none"  # "none" | "hadamard" (rot = signs or None) | "dense"
+        self._hr = None  # cached HadamardRotation (it caches its signs per device)
         for name in ("qweight", "wscale", "weight", "bias", "smooth", "rot", "act_scale"):
             self.register_buffer(name, None)
 
@@ -147,7 +148,10 @@ class QuantLinear(nn.Module):
             return self.rot
         if self.rot is None:
             return "hadamard"
-        return _hadamard_rotation_cls()(self.in_features, self.rot)
+        key = (self.rot.data_ptr(), str(self.rot.device))
+        if self._hr is None or self._hr[0] != key:
+            self._hr = (key, _hadamard_rotation_cls()(self.in_features, self.rot))
+        return self._hr[1]
 
     def dequantized_weight(self) -> torch.Tensor:
         """The effective fp32 weight ``W' [N, K]`` the layer multiplies the rotated input by."""

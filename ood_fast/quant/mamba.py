@@ -346,6 +346,7 @@ def random_mamba(
     *,
     outlier_channels: int = 4,
     outlier_scale: float = 20.0,
+    spikes: tuple = (400.0, 200.0, 100.0, 50.0),
 ) -> MambaLM:
     """A randomly initialised :class:`MambaLM` with the activation outliers of real Mamba LMs.
 
@@ -355,7 +356,11 @@ def random_mamba(
     ``outlier_channels`` fixed channels each: residual-stream channels ``outlier_scale`` times
     larger (embedding columns) and large RMSNorm gains, x rows and gate (z) rows of in_proj
     scaled by ``sqrt(outlier_scale)`` (outliers at the x_proj and out_proj inputs), and out_proj
-    weight rows ``outlier_scale / 4`` times larger. With 0 it is a plain random model.
+    weight rows ``outlier_scale / 4`` times larger. ``spikes``: variances (relative to the
+    unit-variance embedding) of a few dense random directions added to every embedding row with
+    heavy-tailed (Student-t, ν = 3) coefficients, so the residual stream has a spiked covariance
+    spread over all channels (what a Hadamard rotation cannot equalise and KLT can). With
+    ``outlier_channels=0`` and ``spikes=()`` it is a plain random model.
     """
     g = torch.Generator().manual_seed(int(seed))
     model = MambaLM(cfg)
@@ -386,6 +391,14 @@ def random_mamba(
             layer.norm.weight.copy_(1.0 + gauss(cfg.d_model, std=0.1))
         bb.norm_f.weight.copy_(1.0 + gauss(cfg.d_model, std=0.1))
         model.lm_head.weight.copy_(gauss(cfg.vocab_size, cfg.d_model, std=cfg.d_model**-0.5))
+        if spikes:
+            lam = torch.tensor([float(v) for v in spikes])
+            dirs, _ = torch.linalg.qr(gauss(cfg.d_model, len(spikes)))  # orthonormal columns
+            # Student-t(3) = N / sqrt(χ²₃ / 3), from the generator (scaled to unit variance)
+            nrm = gauss(cfg.vocab_size, len(spikes))
+            chi2 = gauss(cfg.vocab_size, len(spikes), 3).pow(2).sum(-1)
+            coef = nrm / torch.sqrt(chi2 / 3) / math.sqrt(3.0)
+            bb.embedding.weight.add_((coef * lam.sqrt()) @ dirs.T)
         if k:
             res_ch = torch.randperm(cfg.d_model, generator=g)[:k]
             bb.embedding.weight[:, res_ch] *= outlier_scale

@@ -49,9 +49,10 @@ with quantization disabled, ``w_bits=a_bits=None``, to ~1e-6 relative in fp32):
 Smoothing scales ``s_j = max(a_j^α / max_i |W_ij|^(1-α), 1e-2)`` (``smooth_scales``, α = 0.5),
 ``a_j`` the calibration absmax of input channel j. KLT-H rotations are ``klt_rotation(Σ)`` =
 ``V diag(±1) H / sqrt(n)``: every channel of ``x R`` then has variance ``tr(Σ)/n``. A size
-without a Hadamard factorization (e.g. ``dt_rank = 3``) gets a seeded random orthogonal matrix
-(QR of a Gaussian) in place of ``diag(±1) H / sqrt(n)``, offline; online rotations of such a
-size become dense matmuls.
+without a Hadamard factorization (e.g. ``dt_rank = 3``): the KLT is followed by an orthogonal
+variance equaliser built by Givens rotations (constructive Schur-Horn), which gives the same
+equal channel variances; quarot's rotations of such a size are seeded random orthogonal
+matrices (QR of a Gaussian), and online rotations of such a size are dense matmuls.
 
 Activation scales: ``act_granularity="per_tensor"`` (default) calibrates one static scale per
 QuantLinear, ``absmax / qmax`` of its rotated, smoothed input over the calibration batches run
@@ -81,6 +82,7 @@ Calibration memory: mambaquant keeps one float64 covariance per rotated site
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -132,17 +134,56 @@ def _online_hadamard(n: int, seed: int):
     return _random_orthogonal(n, seed).float()
 
 
+def _equalizing_rotation(cov: torch.Tensor) -> torch.Tensor:
+    """Orthogonal fp64 ``[n, n]`` Q with ``diag(Qᵀ Σ Q) = tr(Σ)/n`` for any n (no Hadamard).
+
+    KLT first (``V``, descending eigenvalues), then the constructive Schur-Horn step: take the
+    largest and the smallest not-yet-fixed diagonal entries of ``M = Qᵀ Σ Q`` (one above the
+    mean t, one below) and rotate their plane by the angle θ ∈ [0, π/2] at which the larger one
+    becomes exactly t (it moves continuously from M_ii to M_jj); fix it; n - 1 such steps.
+    """
+    c = 0.5 * (cov + cov.T).to(torch.float64)
+    n = c.shape[0]
+    evals, evecs = torch.linalg.eigh(c)
+    q = evecs.flip(-1).clone()
+    m = torch.diag(evals.flip(0))
+    t = float(evals.sum()) / n
+    free = list(range(n))
+    for _ in range(n - 1):
+        d = m.diagonal().tolist()
+        i = max(free, key=d.__getitem__)
+        j = min(free, key=d.__getitem__)
+        if d[i] - t <= 1e-12 * max(abs(t), 1e-300):
+            break
+        a, b, cc = 0.5 * (d[i] + d[j]), 0.5 * (d[i] - d[j]), float(m[i, j])
+        lo, hi = 0.0, 0.5 * math.pi  # f(lo) = M_ii > t >= M_jj = f(hi)
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            if a + b * math.cos(2 * mid) + cc * math.sin(2 * mid) > t:
+                lo = mid
+            else:
+                hi = mid
+        th = 0.5 * (lo + hi)
+        g = torch.tensor(
+            [[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64
+        )
+        idx = [i, j]
+        q[:, idx] = q[:, idx] @ g
+        m[:, idx] = m[:, idx] @ g
+        m[idx, :] = g.T @ m[idx, :]
+        free.remove(i)
+    return q
+
+
 def _klt(cov: torch.Tensor, seed: int) -> torch.Tensor:
-    """KLT-H rotation fp64 ``[n, n]`` of a covariance (random orthogonal in place of H when n
-    has no Hadamard factorization)."""
+    """KLT-H rotation fp64 ``[n, n]`` of a covariance; where n has no Hadamard factorization,
+    the KLT followed by the Schur-Horn equaliser (same property: equal channel variances)."""
     n = cov.shape[0]
     if _factorizable(n):
         from .calibration import klt_rotation
 
         return klt_rotation(cov, seed=seed).to(torch.float64)
-    evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
-    v = evecs.flip(-1)  # descending eigenvalues
-    return v @ _random_orthogonal(n, seed)
+    return _equalizing_rotation(cov)
 
 
 def _smooth(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
