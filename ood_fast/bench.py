@@ -1900,8 +1900,9 @@ def render_gpu(results: dict) -> str:
 #                    ``QuantLinear`` forward where ood_fast.quant has one) vs fp32 ``F.linear``,
 #                    torch's dynamic int8 ``Linear`` on each quantized engine (fbgemm, onednn;
 #                    the faster is "torch int8") and ``torch._int_mm`` (int32, no epilogue)
-#                Each candidate is checked before it is timed on its first QUANT_CHECK_ROWS
-#                rows (against float64; int GEMMs exactly against int64) and a slow one (the
+#                The candidates of a case are timed round-robin (``time_round_robin``: one call
+#                of each per round, so that on a shared machine they see the same load). Each
+#                candidate is checked before it is timed on its first QUANT_CHECK_ROWS rows (against float64; int GEMMs exactly against int64) and a slow one (the
 #                torch reference backend, a dense x@H) is timed on its first rows, sized to
 #                the budget, and scaled linearly (the row says so).
 # SQNR           W8A8 (weights int8 per output channel; activations int8 static per tensor —
@@ -1934,7 +1935,7 @@ QUANT_PRESETS: dict[str, dict] = {
         rq_ns=(1024,),
         rq_bytes=2 * MB,
         linear=(128, 512, 512),
-        sqnr_synthetic=dict(dim=256, tokens=1024),
+        sqnr_synthetic=dict(dim=256, n_calib=4096, n_test=1024),
         sqnr_mamba=dict(d_model=64, tokens=256),
     ),
     # the issue's bars: 64 MB per Hadamard call, M=2048 K=N=4096 linear
@@ -1945,7 +1946,7 @@ QUANT_PRESETS: dict[str, dict] = {
         rq_ns=(4096,),
         rq_bytes=64 * MB,
         linear=(2048, 4096, 4096),
-        sqnr_synthetic=dict(dim=512, tokens=4096),
+        sqnr_synthetic=dict(dim=256, n_calib=16384, n_test=4096),
         sqnr_mamba=dict(d_model=256, tokens=1024),
     ),
 }
@@ -2618,10 +2619,15 @@ def quant_rows_for_budget(
     return N if n >= N else max(p, n)
 
 
-def run_quant_candidate(
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+
+
+def setup_quant_candidate(
     cand: QuantCandidate, case: QuantCase, *, repeats: int = 5, budget: float = 5.0
-) -> dict:
-    """Prepare, check (untimed), time one candidate; its row (never raises)."""
+) -> tuple[dict, Any, torch.Tensor | None]:
+    """Prepare and check (untimed) one candidate, and choose the rows to time it on:
+    (row, state, x to time on); state None when it failed (the row says why)."""
     row = cand.info()
     try:
         inp = case.inputs
@@ -2633,22 +2639,119 @@ def run_quant_candidate(
         x = inp[cand.input_key]
         N = x.shape[0]
         rows = quant_rows_for_budget(cand, state, x, budget, max(1, min(repeats, 3)) + 1)
-        xt = x[:rows]
-        t, _ = time_call(lambda: cand.score(state, xt), repeats=repeats, budget=budget)
-        scale = 1.0 if cand.fixed_bytes else N / rows
-        row["time_s"] = t.median * scale
-        row["min_s"] = t.min * scale
-        row["timing"] = t.as_dict()
         row["rows"] = rows
         row["n_total"] = N
-        row["scale_to_full"] = scale
+        row["scale_to_full"] = 1.0 if cand.fixed_bytes else N / rows
         row["scaled_from_rows"] = rows if rows < N else None
-        _add_rates(row, case)
-        row["status"] = "ok"
+        return row, state, x[:rows]
     except Exception as exc:  # a failing candidate is a row with its error, not a dead run
         row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        row["error"] = _error(exc)
+        return row, None, None
+
+
+def _finish_row(row: dict, t: Timing, case: QuantCase) -> None:
+    scale = row["scale_to_full"]
+    row["time_s"] = t.median * scale
+    row["min_s"] = t.min * scale
+    row["timing"] = t.as_dict()
+    _add_rates(row, case)
+    row["status"] = "ok"
+
+
+def run_quant_candidate(
+    cand: QuantCandidate, case: QuantCase, *, repeats: int = 5, budget: float = 5.0
+) -> dict:
+    """Prepare, check (untimed), time one candidate alone; its row (never raises)."""
+    row, state, xt = setup_quant_candidate(cand, case, repeats=repeats, budget=budget)
+    if state is None:
+        return row
+    try:
+        t, _ = time_call(lambda: cand.score(state, xt), repeats=repeats, budget=budget)
+        _finish_row(row, t, case)
+    except Exception as exc:
+        row["status"] = "error"
+        row["error"] = _error(exc)
     return row
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], Any]], *, repeats: int = 5, budget: float = 5.0
+) -> list[Timing | BaseException]:
+    """Time several calls interleaved: a warm-up of each, then rounds of one call of each, until
+    every one has ``repeats`` runs or the timed total passes ``budget`` × their number (each
+    gets at least one run; one whose warm-up alone passed ``budget`` keeps that as its
+    measurement and sits out the rounds). On a machine shared with other jobs the candidates
+    of a case then see the same load, so their ratios hold better than with back-to-back
+    timing. A call that raises gets its exception in its slot."""
+    out: list[Timing | BaseException | None] = [None] * len(fns)
+    warm: dict[int, float] = {}
+    times: dict[int, list[float]] = {}
+    for i, f in enumerate(fns):
+        try:
+            t0 = time.perf_counter()
+            f()
+            warm[i] = time.perf_counter() - t0
+        except Exception as exc:
+            out[i] = exc
+            continue
+        if warm[i] > budget:
+            out[i] = Timing(warm[i], warm[i], 1, warm[i])
+        else:
+            times[i] = []
+    total, limit = 0.0, budget * max(1, len(times))
+    while times:
+        active = [i for i, ts in times.items() if len(ts) < max(1, repeats)]
+        if not active:
+            break
+        for i in active:
+            try:
+                t0 = time.perf_counter()
+                fns[i]()
+                dt = time.perf_counter() - t0
+            except Exception as exc:
+                out[i] = exc
+                times.pop(i)
+                continue
+            times[i].append(dt)
+            total += dt
+        if total > limit and all(len(ts) >= 1 for ts in times.values()):
+            break
+    for i, ts in times.items():
+        out[i] = Timing(statistics.median(ts), min(ts), len(ts), warm[i])
+    return out  # type: ignore[return-value]
+
+
+def run_quant_case(
+    case: QuantCase,
+    cands: Sequence[QuantCandidate],
+    *,
+    repeats: int = 5,
+    budget: float = 5.0,
+    progress=None,
+) -> list[dict]:
+    """Every candidate of one case: set up and checked one by one, then timed round-robin
+    (``time_round_robin``); rows in the candidates' order (never raises)."""
+    rows, ready = [], []
+    for c in cands:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name}: {c.name}")
+        row, state, xt = setup_quant_candidate(c, case, repeats=repeats, budget=budget)
+        rows.append(row)
+        if state is not None:
+            ready.append((row, lambda c=c, state=state, xt=xt: c.score(state, xt)))
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.set_postfix_str(f"{case.name}: timing")
+    timings = time_round_robin([f for _, f in ready], repeats=repeats, budget=budget)
+    for (row, _), t in zip(ready, timings, strict=True):
+        if isinstance(t, BaseException):
+            row["status"] = "error"
+            row["error"] = _error(t)
+        else:
+            _finish_row(row, t, case)
+    return rows
 
 
 def _add_rates(row: dict, case: QuantCase) -> None:
@@ -2710,6 +2813,22 @@ def sqnr_linear(
     ``ops.rotate_quantize``: "per_tensor" with a static scale (the per-tensor absmax of the
     transformed calibration activations / 127), "per_token" dynamically; ŷ by
     ``ops.int8_linear``, y in float64."""
+    bad = [m for m in methods if m not in QUANT_METHODS]
+    bad += [g for g in granularities if g not in QUANT_GRANULARITIES]
+    if bad:
+        raise ValueError(f"unknown methods/granularities {bad}")
+    try:  # the one definition of the measurement, where quant-eval's module is merged
+        from .quant.synthetic import evaluate_linear_w8a8
+    except ImportError:
+        evaluate_linear_w8a8 = None
+    if evaluate_linear_w8a8 is not None and bias is None:
+        return {
+            m: {
+                g: evaluate_linear_w8a8(x_cal, x_test, weight, m, g, alpha=alpha, seed=seed)
+                for g in granularities
+            }
+            for m in methods
+        }
     from . import ops
     from .quant import CovarianceAccumulator, klt_rotation, smooth_scales
 
@@ -2778,15 +2897,30 @@ def quant_sqnr_sources(preset: str = "default") -> tuple[list[dict], list[tuple[
     return sources, skipped
 
 
-def _synthetic_sources(dim: int, tokens: int, seed: int = 0) -> list[dict]:
-    raise NotImplementedError("ood_fast.quant.synthetic is not merged yet")
+def _synthetic_sources(dim: int, n_calib: int, n_test: int, seed: int = 0) -> list[dict]:
+    """The synthetic outlier layer of ``ood_fast.quant.synthetic.make_synthetic_linear``
+    (Student-t ν = 3 tokens, spiked covariance (400, 200, 100, 50) spread over all channels by
+    a Haar rotation, 4 weight rows ×20)."""
+    from .quant.synthetic import make_synthetic_linear
+
+    p = make_synthetic_linear(dim=dim, n_calib=n_calib, n_test=n_test, seed=seed)
+    return [
+        {
+            "name": f"synthetic outliers (n={dim})",
+            "x_cal": p.x_calib,
+            "x_test": p.x_test,
+            "weight": p.weight,
+            "bias": None,
+        }
+    ]
 
 
 def _mamba_sources(d_model: int, tokens: int, seed: int = 0) -> list[dict]:
     """The inputs of the linears of the last block of ``ood_fast.quant.mamba.random_mamba`` (2
-    layers, outliers injected: 4 channels ×20 in the residual stream and the in_proj x/z
-    rows), captured with forward hooks on random token ids: ``tokens`` calibration tokens (the
-    first sequences) and ``tokens`` test tokens, for in_proj (n = d_model), x_proj and out_proj
+    layers, its default outliers: 4 channels ×20 in the residual stream and the in_proj x/z
+    rows, a spiked heavy-tailed residual covariance), captured with forward hooks on random
+    token ids: 4·``tokens`` calibration tokens (the first sequences) and ``tokens`` test tokens
+    (later sequences), for in_proj (n = d_model), x_proj and out_proj
     (n = 2·d_model, out_proj's input is the gated SSM output)."""
     from .quant.mamba import MambaConfig, random_mamba
 
@@ -2794,7 +2928,8 @@ def _mamba_sources(d_model: int, tokens: int, seed: int = 0) -> list[dict]:
     model = random_mamba(cfg, seed=seed, outlier_channels=4, outlier_scale=20.0).eval()
     mixer = model.backbone.layers[-1].mixer
     seq = 128
-    batch = max(2, 2 * tokens // seq)
+    n_test = max(1, tokens // seq)
+    batch = 5 * n_test  # calibration 4× the test tokens, as the synthetic layer (ν = 3 tails)
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
     seen: dict[str, torch.Tensor] = {}
@@ -2813,7 +2948,7 @@ def _mamba_sources(d_model: int, tokens: int, seed: int = 0) -> list[dict]:
     out = []
     for name in ("in_proj", "x_proj", "out_proj"):
         x = seen[name].reshape(batch, seq, -1).float()
-        half = batch // 2
+        half = batch - n_test
         lin = getattr(mixer, name)
         out.append(
             {
@@ -2892,11 +3027,7 @@ def run_quant(
         )
         rows: list[dict] = []
         for case, cs in plan:
-            for c in cs:
-                bar.set_postfix_str(f"{case.name}: {c.name}")
-                row = run_quant_candidate(c, case, repeats=repeats, budget=budget)
-                rows.append(row)
-                bar.update()
+            rows += run_quant_case(case, cs, repeats=repeats, budget=budget, progress=bar)
             case._inputs = None  # 64 MB inputs: one case alive at a time
             gc.collect()
         add_quant_speedups(rows, cases)
@@ -3030,7 +3161,8 @@ def render_quant(result: dict) -> str:
         ]
     out += [
         "",
-        "ms: median time (warm-up, then up to the repeats within the budget); vs <peer>: that "
+        "ms: median time (a warm-up, then rounds of one call of each candidate of the case, up "
+        "to the repeats within the budget); vs <peer>: that "
         "peer's time / ours (same run; torch int8: its faster quantized engine); backend: the "
         "one that ran, per op; check: max rel diff vs float64 (int GEMMs: vs an int64 GEMM) or "
         "SQNR vs float64, on the first rows.",
