@@ -112,8 +112,11 @@ HADAMARD = [k for k in CASES if k.startswith("hadamard:")]
 
 @pytest.mark.parametrize(
     "key,spec",
-    [(k, s) for k in HADAMARD for s in ("ours", "ours:scan", "copy")]
-    + [(k, "dense") for k in HADAMARD if CASES[k].n in DENSE_NS],
+    [
+        (k, s)
+        for k in HADAMARD
+        for s in ("ours", "ours:scan", "copy") + (("dense",) if CASES[k].n in DENSE_NS else ())
+    ],
 )
 def test_hadamard(benchmark, key, spec):
     torch.manual_seed(0)
@@ -122,7 +125,12 @@ def test_hadamard(benchmark, key, spec):
 
 @pytest.mark.parametrize(
     "key,spec",
-    [(k, s) for k in CASES if k.startswith("rotate_quantize:") for s in ("ours", "copy")],
+    [
+        (k, s)
+        for k in CASES
+        if k.startswith("rotate_quantize:")
+        for s in ("ours", "ours:scan", "copy")
+    ],
 )
 def test_rotate_quantize(benchmark, key, spec):
     bench_quant(benchmark, key, spec)
