@@ -122,7 +122,8 @@ def _fmt(v: float) -> str:
 
 def _bar_lines(ours: dict, group: list[dict]) -> list[str]:
     """The issue's performance bars of one of our records (quant benchmarks: ``bars`` =
-    {peer role: bar}): against the fastest peer of each role, peer time / ours, ok or MISS."""
+    {peer role: bar}): against the fastest peer of each role, peer time / ours, ok or MISS; and
+    the same ratio timed interleaved with that peer (``interleaved``), where measured."""
     out = []
     for role, bar in (ours.get("bars") or {}).items():
         peers = [r for r in group if r.get("kind") == "peer" and r.get("role") == role]
@@ -131,9 +132,15 @@ def _bar_lines(ours: dict, group: list[dict]) -> list[str]:
             continue
         best = min(peers, key=lambda r: r["time_s"])
         v = best["time_s"] / ours["time_s"]
+        iv = (ours.get("interleaved") or {}).get(role)
+        inter = (
+            f"; interleaved with it: {_fmt(iv)} {'ok' if iv >= bar else 'MISS'}"
+            if isinstance(iv, float)
+            else ""
+        )
         out.append(
             f"    bar >= {bar:g}× {role}: {_fmt(v)} vs {best['candidate']} "
-            f"{'ok' if v >= bar else 'MISS'}"
+            f"{'ok' if v >= bar else 'MISS'}{inter}"
         )
     return out
 

@@ -93,6 +93,7 @@ def bench_quant(benchmark, key: str, spec: str):
     )
     if cand.kind == "ours":
         benchmark.extra_info["bars"] = case.bars(cand.role)
+        benchmark.extra_info["interleaved"] = interleaved_ratios(case, cand, state, xt, scale)
     benchmark.pedantic(
         cand.score,
         args=(state, xt),
@@ -105,6 +106,32 @@ def bench_quant(benchmark, key: str, spec: str):
         benchmark.extra_info["gops"] = case.ops / t / 1e9
     else:
         benchmark.extra_info["gbps"] = case.bytes / t / 1e9
+
+
+def interleaved_ratios(case, cand, state, xt, scale) -> dict:
+    """{peer role: fastest peer time / ours} for the bars' peers (but the slow dense x@H),
+    timed round-robin with ours (``bench.time_round_robin``) besides pytest-benchmark's
+    back-to-back groups: on a machine shared with other jobs, ours and its peer then see the
+    same load. Printed next to each bar by the ratio summary."""
+    out = {}
+    for role in case.bars(cand.role):
+        if role == "dense":
+            continue
+        engines = bench.peers_quantized_engines() if role == "torch_int8" else [None]
+        peers = [bench._quant_peer(case, role, e) for e in engines]
+        peers = [p for p in peers if not isinstance(p, str)]
+        if not peers:
+            continue
+        calls = [lambda: cand.score(state, xt)]
+        for p in peers:
+            st = p.prepare(case.inputs)
+            px = case.inputs[p.input_key]
+            calls.append(lambda p=p, st=st, px=px: p.score(st, px))
+        ts = bench.time_round_robin(calls, repeats=ROUNDS[case.op], budget=BUDGET_S)
+        if any(isinstance(t, BaseException) for t in ts):
+            continue
+        out[role] = min(t.median for t in ts[1:]) / (ts[0].median * scale)
+    return out
 
 
 HADAMARD = [k for k in CASES if k.startswith("hadamard:")]

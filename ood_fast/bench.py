@@ -2072,6 +2072,13 @@ def _symmetric_int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), s.to(torch.float32).contiguous()
 
 
+def peers_quantized_engines() -> tuple[str, ...]:
+    """The quantized engines the torch int8 peer runs on here (``peers.quantized_engines``)."""
+    from . import peers as P
+
+    return P.quantized_engines()
+
+
 def quant_cases(preset: str = "default", ops_: Sequence[str] = QUANT_OPS) -> list[QuantCase]:
     """The kernel cases of a preset (QUANT_PRESETS), in order."""
     if preset not in QUANT_PRESETS:
@@ -2605,18 +2612,27 @@ def quant_candidates(
 def quant_rows_for_budget(
     cand: QuantCandidate, state, x: torch.Tensor, budget: float, runs: int
 ) -> int:
-    """Rows of x to time ``cand`` on: all of them, unless ``cand.sliced`` and a probe on the
-    first rows says ``runs`` calls on all rows would overrun ``budget`` seconds (then the rows
-    that fit; the time is scaled linearly, like the slow Mahalanobis and KNN peers)."""
+    """Rows of x to time ``cand`` on: all of them, unless ``cand.sliced`` and ``runs`` calls on
+    all rows would overrun ``budget`` seconds; then the first rows that fit (the time is scaled
+    linearly, like the slow Mahalanobis and KNN peers). Estimated from a call on the first
+    rows; when that says one full call would fit the budget, a full call decides (a small
+    probe overstates the per-row cost of a fast kernel)."""
     N = x.shape[0]
     if not cand.sliced or cand.fixed_bytes:
         return N
-    p = min(N, max(QUANT_CHECK_ROWS, N // 64))
+    runs = max(1, runs)
+    p = min(N, max(QUANT_CHECK_ROWS, N // 16))
     t0 = time.perf_counter()
     cand.score(state, x[:p])
     per_row = max(time.perf_counter() - t0, 1e-9) / p
-    n = int(budget / max(1, runs) / per_row)
-    return N if n >= N else max(p, n)
+    if per_row * N * runs <= budget:
+        return N
+    if p < N and per_row * N <= budget:
+        t0 = time.perf_counter()
+        cand.score(state, x)
+        per_row = max(time.perf_counter() - t0, 1e-9) / N
+    n = int(budget / runs / per_row)
+    return N if n >= N else max(min(p, N), n)
 
 
 def _error(exc: BaseException) -> str:
