@@ -98,7 +98,9 @@ def _rotation_spec(rotation, n: int, device):
                 f"rotation: a dense rotation must be [{n}, {n}], got {tuple(rotation.shape)}"
             )
         if rotation.device != torch.device(device):
-            raise ValueError(f"rotation is on {rotation.device} but x is on {device}")
+            raise ValueError(
+                f"rotation is on {rotation.device} but x is on {device}; move it to x's device"
+            )
         R = rotation.to(torch.float32).contiguous()
         scan_finite(R, "rotation")
         return 0, None, R
@@ -296,7 +298,7 @@ def _per_row(v, name: str, M: int, lead, device, dtype) -> torch.Tensor:
         v = torch.tensor(v, device=device)
     v = as_tensor(v, name)
     if v.device != torch.device(device):
-        raise ValueError(f"{name} is on {v.device} but qx is on {device}")
+        raise ValueError(f"{name} is on {v.device} but qx is on {device}; move it to qx's device")
     shapes = {(), (1,), (M,), (M, 1), tuple(lead), (*lead, 1)}
     if tuple(v.shape) not in shapes or (v.numel() != M and v.numel() != 1):
         raise ValueError(
@@ -354,7 +356,7 @@ def int8_linear(
         raise ValueError(f"qw: expected a 2-D [N, K] weight, got shape {tuple(qw.shape)}")
     device = qx.device
     if qw.device != device:
-        raise ValueError(f"qw is on {qw.device} but qx is on {device}")
+        raise ValueError(f"qw is on {qw.device} but qx is on {device}; move it to qx's device")
     N, K = qw.shape
     if qx.shape[-1] != K:
         raise ValueError(
@@ -433,7 +435,7 @@ def _check_weight_vector(v, name: str, N: int, device) -> torch.Tensor:
     if v.shape != (N,):
         raise ValueError(f"{name}: expected shape [N={N}], got {tuple(v.shape)}")
     if v.device != torch.device(device):
-        raise ValueError(f"{name} is on {v.device} but qx is on {device}")
+        raise ValueError(f"{name} is on {v.device} but qx is on {device}; move it to qx's device")
     v = v.to(torch.float32).contiguous()
     scan_finite(v, name)
     return v
