@@ -102,7 +102,7 @@ def _np_lm(ids, model):
 
 def test_selective_scan_matches_float64_loop():
     g = torch.Generator().manual_seed(0)
-    bt, length, di, n = 2, 9, 5, 4
+    bt, length, di, n = 2, 70, 5, 4  # crosses a scan chunk (64 steps)
     x = torch.randn(bt, length, di, generator=g)
     delta = torch.nn.functional.softplus(torch.randn(bt, length, di, generator=g))
     A = -torch.rand(di, n, generator=g) * 3

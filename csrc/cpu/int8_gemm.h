@@ -124,13 +124,14 @@ inline void pack_a_block(const uint8_t* x, int64_t ld, int64_t rows, int64_t K, 
 // Micro-kernels: C[32 x 32] = A block (nkb k-blocks) * B panel; rows: valid rows (1..32)
 // ------------------------------------------------------------------------------------------
 
-using MicroKernel = void (*)(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows);
+// acc: add to C (a later k-range of the same output block) instead of overwriting it.
+using MicroKernel = void (*)(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows, bool acc);
 
 template <bool U8>
-void ukr_generic(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows) {
+void ukr_generic(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows, bool accum) {
   int32_t acc[NB];
   for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < NB; ++j) acc[j] = 0;
+    for (int j = 0; j < NB; ++j) acc[j] = accum ? C[r * NB + j] : 0;
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const uint8_t* a = A + kb * A_KBLOCK + r * KB;
       const int8_t* b = B + kb * B_KBLOCK;
@@ -152,10 +153,14 @@ void ukr_generic(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int
 #ifdef OOD_FAST_X86
 
 // 8 rows (r0..r0+7 of the block) x 32 columns; A bytes are u8 (int8 activations flipped).
-OOD_TARGET_VNNI inline void vnni_pass8(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int r0) {
+OOD_TARGET_VNNI inline void vnni_pass8(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int r0,
+                                        bool acc) {
   __m512i c0[8], c1[8];
 #pragma GCC unroll 8
-  for (int r = 0; r < 8; ++r) c0[r] = c1[r] = _mm512_setzero_si512();
+  for (int r = 0; r < 8; ++r) {
+    c0[r] = acc ? _mm512_load_si512(C + (r0 + r) * NB) : _mm512_setzero_si512();
+    c1[r] = acc ? _mm512_load_si512(C + (r0 + r) * NB + 16) : _mm512_setzero_si512();
+  }
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const uint8_t* a = A + kb * A_KBLOCK + r0 * KB;
     const int8_t* b = B + kb * B_KBLOCK;
@@ -180,16 +185,18 @@ OOD_TARGET_VNNI inline void vnni_pass8(int64_t nkb, const uint8_t* A, const int8
   }
 }
 
-OOD_TARGET_VNNI inline void ukr_vnni(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows) {
-  for (int r0 = 0; r0 < rows; r0 += 8) vnni_pass8(nkb, A, B, C, r0);
+OOD_TARGET_VNNI inline void ukr_vnni(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows,
+                                      bool acc) {
+  for (int r0 = 0; r0 < rows; r0 += 8) vnni_pass8(nkb, A, B, C, r0, acc);
 }
 
 // AMX: tiles 0-3 C (0: rows 0-15 x cols 0-15, 1: rows 0-15 x cols 16-31, 2, 3: rows 16-31),
 // 4-5 A (rows 0-15, 16-31), 6-7 B (cols 0-15, 16-31).
-template <bool U8, bool ACC = false>
-OOD_TARGET_AMX_INT8 inline void ukr_amx(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows) {
+template <bool U8>
+OOD_TARGET_AMX_INT8 inline void ukr_amx(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows,
+                                        bool acc) {
   constexpr int ldc = NB * 4;
-  if (ACC) {
+  if (acc) {
     _tile_loadd(0, C, ldc);
     _tile_loadd(1, C + 16, ldc);
   } else {
@@ -197,7 +204,7 @@ OOD_TARGET_AMX_INT8 inline void ukr_amx(int64_t nkb, const uint8_t* A, const int
     _tile_zero(1);
   }
   if (rows > 16) {
-    if (ACC) {
+    if (acc) {
       _tile_loadd(2, C + 16 * NB, ldc);
       _tile_loadd(3, C + 16 * NB + 16, ldc);
     } else {

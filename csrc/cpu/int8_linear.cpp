@@ -53,6 +53,14 @@ struct AlignedBytes {
   uint8_t* get() const { return p.get(); }
 };
 
+// TUNING (temporary): env overrides of the blocking.
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : dflt;
+}
+int64_t chunk_bytes() { return env_int("OOD_I8_CHUNK", int64_t(1) << 20); }
+int64_t kc_blocks() { return env_int("OOD_I8_KCB", 8); }
+
 bool isa_available(Isa isa) {
   switch (isa) {
     case Isa::Amx:
@@ -128,8 +136,17 @@ class Int8Weight {
 
     const int64_t nkb = Kp_ / i8::KB, nmb = (M + i8::MB - 1) / i8::MB;
     const bool flip = isa_ == Isa::Vnni && !qx_is_u8;  // vpdpbusd wants unsigned activations
-    AlignedBytes Abuf(static_cast<size_t>(nmb * nkb * i8::A_KBLOCK));
-    uint8_t* A = Abuf.get();
+    // The packed activations live in a buffer kept per calling thread and only ever grown: a
+    // fresh multi-MiB allocation per call would page-fault on every first touch.
+    static thread_local std::unique_ptr<AlignedBytes> abuf;
+    static thread_local size_t abuf_size = 0;
+    const size_t a_bytes = static_cast<size_t>(nmb * nkb * i8::A_KBLOCK);
+    if (abuf_size < a_bytes) {
+      abuf.reset();
+      abuf = std::make_unique<AlignedBytes>(a_bytes);
+      abuf_size = a_bytes;
+    }
+    uint8_t* A = abuf->get();
 
     i8::MicroKernel ukr = qx_is_u8 ? &i8::ukr_generic<true> : &i8::ukr_generic<false>;
 #ifdef OOD_FAST_X86
@@ -138,10 +155,13 @@ class Int8Weight {
     const bool avx512 = isa_ != Isa::Generic;
 #endif
 
-    // Jobs: chunks of pc panels (pc * Kp * 32 bytes ~ 1 MiB, reused from L2 by every row block)
-    // x gm groups of row blocks (more than one only when there are fewer chunks than threads).
+    // Jobs: chunks of pc panels (pc * Kp * 32 bytes ~ chunk_bytes, reused from L2 by every row
+    // block) x gm groups of row blocks (more than one only when there are fewer chunks than
+    // threads). Within a job, per row block: k-ranges of kcb k-blocks (the A slice, 32 x 64 kcb
+    // bytes, stays in L1 while every panel of the chunk passes), the 32 x 32 int32 sums of the
+    // chunk's panels accumulating in a per-thread buffer; then the epilogue of each panel.
     const int64_t nt_req = std::max(1, num_threads);
-    int64_t pc = std::max<int64_t>(1, (int64_t(1) << 20) / (Kp_ * i8::NB));
+    int64_t pc = std::max<int64_t>(1, chunk_bytes() / (Kp_ * i8::NB));
     pc = std::min(pc, npanels_);
     int64_t nchunks = (npanels_ + pc - 1) / pc;
     if (nchunks < nt_req) {
@@ -152,6 +172,11 @@ class Int8Weight {
     const int64_t mb_per_group = (nmb + gm - 1) / gm;
     const int64_t njobs = nchunks * gm;
     const int nt = static_cast<int>(std::min<int64_t>(nt_req, std::max(njobs, nmb)));
+    const int64_t kcb = std::min<int64_t>(nkb, kc_blocks());
+
+    std::vector<AlignedBytes> cbufs;
+    cbufs.reserve(nt);
+    for (int t = 0; t < nt; ++t) cbufs.emplace_back(static_cast<size_t>(pc * i8::MB * i8::NB * 4));
 
     const int8_t* B = reinterpret_cast<const int8_t*>(B_->get());
     const int64_t N = N_, K = K_, Kp = Kp_, npanels = npanels_;
@@ -166,10 +191,14 @@ class Int8Weight {
         i8::pack_a_block(qx + b * i8::MB * K, K, rows, K, flip, A + b * nkb * i8::A_KBLOCK);
       }
       // (implicit barrier: every block is packed before any is used)
+#ifdef _OPENMP
+      int32_t* Cb = reinterpret_cast<int32_t*>(cbufs[omp_get_thread_num()].get());
+#else
+      int32_t* Cb = reinterpret_cast<int32_t*>(cbufs[0].get());
+#endif
 #ifdef OOD_FAST_X86
       if (isa == Isa::Amx) gemm::amx_configure();
 #endif
-      alignas(64) int32_t C[i8::MB * i8::NB];
 #pragma omp for schedule(static)
       for (int64_t job = 0; job < njobs; ++job) {
         const int64_t chunk = job / gm, g = job % gm;
@@ -179,10 +208,16 @@ class Int8Weight {
           const int64_t m0 = b * i8::MB;
           const int rows = static_cast<int>(std::min(i8::MB, M - m0));
           const uint8_t* Ab = A + b * nkb * i8::A_KBLOCK;
+          for (int64_t k0 = 0; k0 < nkb; k0 += kcb) {
+            const int64_t kn = std::min(kcb, nkb - k0);
+            for (int64_t p = p0; p < p1; ++p)
+              ukr(kn, Ab + k0 * i8::A_KBLOCK, B + p * Kp * i8::NB + k0 * i8::B_KBLOCK,
+                  Cb + (p - p0) * i8::MB * i8::NB, rows, k0 > 0);
+          }
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t n0 = p * i8::NB;
             const int cols = static_cast<int>(std::min(i8::NB, N - n0));
-            ukr(nkb, Ab, B + p * Kp * i8::NB, C, rows);
+            const int32_t* C = Cb + (p - p0) * i8::MB * i8::NB;
             i8::Epilogue e;
             e.sx = sx + m0;
             e.z = zx ? zx + m0 : nullptr;

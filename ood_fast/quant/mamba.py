@@ -108,6 +108,9 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+_SCAN_CHUNK = 64  # time steps whose [Bt, T, Di, N] discretisation is materialised at once
+
+
 def selective_scan(
     x: torch.Tensor,
     delta: torch.Tensor,
@@ -127,11 +130,19 @@ def selective_scan(
     n = A.shape[1]
     h = x.new_zeros(bt, di, n)
     ys = []
-    for t in range(length):
-        dt = delta[:, t, :, None]  # [Bt, Di, 1]
-        h = torch.exp(dt * A) * h + (dt * x[:, t, :, None]) * B[:, t, None, :]
-        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(bt, 0, di)
+    # Discretisation and the readout are batched over chunks of time steps (few large kernels
+    # instead of many tiny ones); only the recurrence itself is a Python loop.
+    for c0 in range(0, length, _SCAN_CHUNK):
+        sl = slice(c0, min(c0 + _SCAN_CHUNK, length))
+        d = delta[:, sl, :, None]  # [Bt, T, Di, 1]
+        da = torch.exp(d * A)  # [Bt, T, Di, N]
+        dbx = (d * x[:, sl, :, None]) * B[:, sl, None, :]  # [Bt, T, Di, N]
+        hs = torch.empty_like(da)
+        for t in range(da.shape[1]):
+            h = da[:, t] * h + dbx[:, t]
+            hs[:, t] = h
+        ys.append((hs * C[:, sl, None, :]).sum(-1))  # [Bt, T, Di]
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(bt, 0, di)
     if D is not None:
         y = y + x * D.float()
     return y
