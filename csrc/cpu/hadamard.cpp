@@ -1,4 +1,647 @@
-// Placeholder while the hadamard kernels are written (issue 4): binds nothing yet.
+// hadamard and rotate_quantize, CPU backend (bindings: docs/QUANT_CONTRACT.md, "compiled bindings").
+//
+// hadamard:        out[r, :] = scale * (x[r, :] * signs) @ kron(H_K, S_L)        (fp32 arithmetic)
+// rotate_quantize: y = hadamard(x / smooth, 1/sqrt(n), signs) (or y = x / smooth when K = 0), then
+//   symmetric:  scale = absmax / qmax (or the static scale), codes = clamp(rint(y / scale), +-qmax)
+//   asymmetric: lo = min(min y, 0), hi = max(max y, 0), scale = (hi - lo) / levels,
+//               zero = clamp(rint(-lo / scale), 0, levels), codes = clamp(rint(y / scale) + zero,
+//               0, levels) as uint8;  scale == 0 gives codes 0 (and zero 0)
+// over each row (per token) or the whole tensor (per tensor). y / scale is a true IEEE division
+// (the AVX-512 path multiplies by 1 / scale and divides only the lanes near a rounding tie, which
+// gives the same codes; see QVec) and rint rounds half to even (vcvtps2dq / vrndscaleps with
+// round-to-nearest-even, as the default MXCSR mode; std::nearbyint in the portable path), so the
+// codes depend only on the fp32 values of y: with K = 0 they are bit-exact with the torch reference.
+//
+// The transform itself is in fwht.h. Signs, the scale and (rotate_quantize) 1 / smooth are folded
+// into one per-column fp32 multiplier that the load applies (for K > 1 the mix then uses the raw
+// +-1 H_K); with K = 0 the smoothing is a true division, as in the reference.
+//
+// Rows are split evenly over the threads, each row transformed whole by one thread in its own
+// fp32 work buffer (L1/L2-resident up to n ~ 8K / 256K): the input is read once and the output
+// (or the codes) written once. Per-token rotate_quantize keeps the transformed row in the work
+// buffer and quantizes it from there. Per-tensor dynamic rotate_quantize needs the global
+// extremes first: when a thread's transformed rows fit in kKeepBytes (1 MiB, half this machine's
+// L2), they are kept in a per-thread buffer and quantized after a barrier (one read of the
+// input); otherwise the rows are transformed twice, once for the extremes and once for the codes
+// (two reads of the input; the price of not holding the fp32 tensor).
+//
+// Dispatch: the AVX-512 path where the processor has AVX-512F/BW/VL/DQ (simd.h) and L = n / K >=
+// 16; the portable path otherwise (and when OOD_FAST_HADAMARD_ISA=generic, for tests). Both give
+// the same fp32 operations up to summation order of the mix (identical for K = 1).
 #include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fwht.h"
+#include "gemm.h"
+#include "simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace py = pybind11;
-void bind_hadamard(py::module_&) {}
+
+namespace ood_fast {
+namespace {
+
+using fwht::Plan;
+
+enum DType { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+constexpr int64_t kKeepBytes = int64_t(1) << 20;
+
+int parse_dtype(const std::string& s, const char* fn) {
+  if (s == "f32") return kF32;
+  if (s == "f16") return kF16;
+  if (s == "bf16") return kBF16;
+  throw std::invalid_argument(std::string(fn) + ": dtype must be f32, f16 or bf16, got '" + s + "'");
+}
+
+inline size_t dtype_size(int dt) { return dt == kF32 ? 4 : 2; }
+
+// fp32 -> fp16 bits, round to nearest even (subnormals, overflow to inf, NaN kept quiet).
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t u = gemm::f32_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u | ((a >> 13) & 0x3ffu) : 0u));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {                                                // below 2^-14: subnormal half
+    const int shift = 126 - static_cast<int>(a >> 23);
+    if (shift >= 25) return static_cast<uint16_t>(sign);
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t q = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  uint32_t r = a - (112u << 23);
+  r += 0xfffu + ((r >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+inline float load_elem(const void* p, int dt, int64_t i) {
+  if (dt == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return dt == kF16 ? gemm::f16_to_f32(h) : gemm::bf16_to_f32(h);
+}
+
+inline void store_elem(void* p, int dt, int64_t i, float v) {
+  if (dt == kF32)
+    static_cast<float*>(p)[i] = v;
+  else
+    static_cast<uint16_t*>(p)[i] = dt == kF16 ? f32_to_f16(v) : gemm::f32_to_bf16(v);
+}
+
+bool use_avx512() {
+  static const bool has = cpu_has_avx512f();
+  const char* env = std::getenv("OOD_FAST_HADAMARD_ISA");
+  if (env && std::string(env) == "generic") return false;
+  return has;
+}
+
+int pick_threads(int num_threads, int64_t rows, int64_t n) {
+  // ~64K elements per thread at least: below that the fork/join costs more than it saves.
+  const int64_t by_work = std::max<int64_t>(1, rows * n / 65536);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({num_threads, rows, by_work})));
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+inline int thread_count() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// Quantization parameters and the portable row kernels
+// ------------------------------------------------------------------------------------------
+
+struct Stats {
+  float absmax = 0.0f, lo = 0.0f, hi = 0.0f;  // lo <= 0 <= hi by definition (min(.., 0), max(.., 0))
+  void merge(const Stats& o) {
+    absmax = std::max(absmax, o.absmax);
+    lo = std::min(lo, o.lo);
+    hi = std::max(hi, o.hi);
+  }
+};
+
+struct QParams {
+  bool asym = false;
+  float scale = 0.0f;
+  float zero = 0.0f;         // asymmetric zero point (an integer value)
+  float qmin = 0, qmax = 0;  // code range before the zero point is added: [-qmax, qmax] or [0, levels]
+};
+
+QParams make_params(const Stats& st, bool symmetric, float static_scale, int bits) {
+  QParams q;
+  q.asym = !symmetric;
+  if (symmetric) {
+    const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+    q.scale = static_scale > 0.0f ? static_scale : st.absmax / qmax;
+    q.qmin = -qmax;
+    q.qmax = qmax;
+  } else {
+    const float levels = static_cast<float>((1 << bits) - 1);
+    q.scale = (st.hi - st.lo) / levels;
+    q.zero = q.scale == 0.0f ? 0.0f : std::min(std::max(std::nearbyint(-st.lo / q.scale), 0.0f), levels);
+    q.qmin = 0.0f;
+    q.qmax = levels;
+  }
+  return q;
+}
+
+void generic_stats(const float* z, int64_t n, Stats& st) {
+  for (int64_t i = 0; i < n; ++i) {
+    st.absmax = std::max(st.absmax, std::fabs(z[i]));
+    st.lo = std::min(st.lo, z[i]);
+    st.hi = std::max(st.hi, z[i]);
+  }
+}
+
+void generic_quantize(const float* z, int64_t n, const QParams& q, void* codes) {
+  if (q.scale == 0.0f) {
+    std::memset(codes, 0, static_cast<size_t>(n));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float c = std::nearbyint(z[i] / q.scale) + q.zero;
+    c = std::min(std::max(c, q.qmin), q.qmax);
+    const int v = static_cast<int>(c);
+    if (q.asym)
+      static_cast<uint8_t*>(codes)[i] = static_cast<uint8_t>(v);
+    else
+      static_cast<int8_t*>(codes)[i] = static_cast<int8_t>(v);
+  }
+}
+
+// Transformed row of the portable path into z: x * m, FWHT (in z itself when K == 1, else in y),
+// then for K > 1 the mix from y into z (z != y).
+void generic_transform(const Plan& pl, const void* xrow, int dt, const float* m, const float* H, float* y,
+                       float* z) {
+  float* w = pl.K == 1 ? z : y;
+  for (int64_t i = 0; i < pl.n; ++i) w[i] = load_elem(xrow, dt, i) * m[i];
+  fwht::generic_fwht(w, pl.n, pl.L);
+  if (pl.K > 1) fwht::generic_mix(y, z, H, pl.K, pl.L);
+}
+
+// K = 0 (no rotation): z = x / smooth, or x.
+void generic_prepare(const void* xrow, int dt, const float* smooth, int64_t n, float* z) {
+  for (int64_t i = 0; i < n; ++i) z[i] = smooth ? load_elem(xrow, dt, i) / smooth[i] : load_elem(xrow, dt, i);
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX-512 sources, sinks and quantizer
+// ------------------------------------------------------------------------------------------
+
+#ifdef OOD_FAST_X86
+
+template <int DT>
+OOD_TARGET_AVX512 inline __m512 load16(const void* p, int64_t i) {
+  if (DT == kF32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+  if (DT == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+OOD_TARGET_AVX512 inline __m512 load16_masked(const void* p, int dt, int64_t i, __mmask16 k) {
+  if (dt == kF32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
+  if (dt == kF16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Input row times the per-column multiplier (64-byte aligned).
+template <int DT>
+struct SrcMul {
+  const void* x;
+  const float* m;
+  OOD_TARGET_AVX512 inline __m512 load(int64_t i) const {
+    return _mm512_mul_ps(load16<DT>(x, i), _mm512_load_ps(m + i));
+  }
+};
+
+// Output row in the input's dtype (bf16: round to nearest even, bit-exact with torch).
+template <int DT>
+struct OutSink {
+  void* out;
+  OOD_TARGET_AVX512 inline void put(int64_t i, __m512 v) {
+    if (DT == kF32) {
+      _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+    } else {
+      const __m256i h = DT == kF16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                                   : gemm::f32_to_bf16_avx512(v);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), h);
+    }
+  }
+};
+
+// Transformed row into z (fp32, aligned) with its extremes (max |y|; min and max for asymmetric).
+template <bool ASYM>
+struct StatSink {
+  float* z;
+  __m512 mx, mn;
+  OOD_TARGET_AVX512 inline void put(int64_t i, __m512 v) {
+    _mm512_store_ps(z + i, v);
+    if (ASYM) {
+      mx = _mm512_max_ps(mx, v);
+      mn = _mm512_min_ps(mn, v);
+    } else {
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
+  }
+};
+
+// Quantizer constants. The quotient y / scale is formed as y * (1 / scale) (one multiply instead
+// of a ~8-cycle vdivps per vector); it differs from the IEEE quotient by < 2^-22.9 relative, i.e.
+// < 2^-12 for |q| <= 1024 (larger |q| saturate whatever their rounding). So rint can differ only
+// where q lies within 2^-12 of a half-integer: those lanes (vreduceps gives q - rint(q)) are
+// recomputed with a true division. Codes are thus exactly those of clamp(rint(y / scale)).
+// When 1 / scale is not a normal finite float, every lane takes the division.
+struct QVec {
+  __m512 vs, vr, vz, vlo, vhi, thr;
+  bool asym, recip_ok;
+  OOD_TARGET_AVX512 explicit QVec(const QParams& q) {
+    const float r = 1.0f / q.scale;
+    recip_ok = std::isnormal(r) && std::isnormal(q.scale);
+    vs = _mm512_set1_ps(q.scale);
+    vr = _mm512_set1_ps(r);
+    vz = _mm512_set1_ps(q.zero);
+    vlo = _mm512_set1_ps(q.qmin);
+    vhi = _mm512_set1_ps(q.qmax);
+    thr = _mm512_set1_ps(0.5f - 1.0f / 4096.0f);
+    asym = q.asym;
+  }
+};
+
+// 16 codes of the fp32 lanes v.
+template <bool ASYM>
+OOD_TARGET_AVX512 inline __m128i quant16(__m512 v, const QVec& c) {
+  __m512 q;
+  if (c.recip_ok) {
+    q = _mm512_mul_ps(v, c.vr);
+    const __m512 d = _mm512_reduce_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // q - rint(q)
+    const __mmask16 near_tie = _mm512_cmp_ps_mask(_mm512_abs_ps(d), c.thr, _CMP_GT_OQ);
+    if (near_tie) q = _mm512_mask_div_ps(q, near_tie, v, c.vs);
+  } else {
+    q = _mm512_div_ps(v, c.vs);
+  }
+  if (ASYM) q = _mm512_add_ps(_mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c.vz);
+  // Clamping before the (round-half-even) conversion gives clamp(rint(q)): the bounds are integers.
+  q = _mm512_min_ps(_mm512_max_ps(q, c.vlo), c.vhi);
+  return _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <bool ASYM>
+OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& c, int8_t* codes) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), quant16<ASYM>(_mm512_loadu_ps(z + i), c));
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm_mask_storeu_epi8(codes + i, k, quant16<ASYM>(_mm512_maskz_loadu_ps(k, z + i), c));
+  }
+}
+
+OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams& q, void* codes) {
+  if (q.scale == 0.0f) {
+    std::memset(codes, 0, static_cast<size_t>(n));
+    return;
+  }
+  const QVec c(q);
+  if (q.asym)
+    avx512_quantize_t<true>(z, n, c, static_cast<int8_t*>(codes));
+  else
+    avx512_quantize_t<false>(z, n, c, static_cast<int8_t*>(codes));
+}
+
+// Transformed row into z (z == y allowed when K == 1) and its extremes, merged into st.
+template <int DT, bool ASYM>
+OOD_TARGET_AVX512 void avx512_transform_stats(const Plan& pl, const void* xrow, const float* m, const float* H,
+                                              float* y, float* z, Stats& st) {
+  StatSink<ASYM> snk{z, _mm512_setzero_ps(), _mm512_setzero_ps()};
+  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk);
+  if (ASYM) {
+    st.hi = std::max(st.hi, _mm512_reduce_max_ps(snk.mx));
+    st.lo = std::min(st.lo, _mm512_reduce_min_ps(snk.mn));
+  } else {
+    st.absmax = std::max(st.absmax, _mm512_reduce_max_ps(snk.mx));
+  }
+}
+
+// K = 0: z = x / smooth (true division) or x, with its extremes. z has room for n rounded up to 16.
+OOD_TARGET_AVX512 void avx512_prepare_stats(const void* xrow, int dt, const float* smooth, int64_t n, float* z,
+                                            Stats& st) {
+  __m512 mx = _mm512_setzero_ps(), mn = _mm512_setzero_ps(), am = _mm512_setzero_ps();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 v = load16_masked(xrow, dt, i, k);  // tail lanes 0: neutral for all three extremes
+    if (smooth) v = _mm512_div_ps(v, _mm512_mask_loadu_ps(one, k, smooth + i));
+    _mm512_store_ps(z + i, v);
+    mx = _mm512_max_ps(mx, v);
+    mn = _mm512_min_ps(mn, v);
+    am = _mm512_max_ps(am, _mm512_abs_ps(v));
+  }
+  st.absmax = std::max(st.absmax, _mm512_reduce_max_ps(am));
+  st.hi = std::max(st.hi, _mm512_reduce_max_ps(mx));
+  st.lo = std::min(st.lo, _mm512_reduce_min_ps(mn));
+}
+
+template <int DT>
+OOD_TARGET_AVX512 void avx512_hadamard_row(const Plan& pl, const void* xrow, const float* m, const float* H,
+                                           float* y, void* orow) {
+  OutSink<DT> snk{orow};
+  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk);
+}
+
+#endif  // OOD_FAST_X86
+
+// ------------------------------------------------------------------------------------------
+// Argument checks shared by both entry points
+// ------------------------------------------------------------------------------------------
+
+void check_shape(const char* fn, int64_t rows, int64_t n, int64_t K) {
+  if (rows < 0 || n < 1) throw std::invalid_argument(std::string(fn) + ": need rows >= 0 and n >= 1");
+  if (K < 1 || n % K != 0 || ((n / K) & (n / K - 1)) != 0)
+    throw std::invalid_argument(std::string(fn) + ": n = " + std::to_string(n) + " is not K * 2^p for K = " +
+                                std::to_string(K));
+}
+
+// Per-column multiplier (64-byte aligned, n rounded up to 16): scale * signs / smooth.
+gemm::Buffer<float> make_multiplier(int64_t n, float scale, const float* signs, const float* smooth) {
+  gemm::Buffer<float> m(static_cast<size_t>((n + 15) / 16 * 16));
+  for (int64_t i = 0; i < n; ++i) {
+    float v = signs ? scale * signs[i] : scale;
+    if (smooth) v = v / smooth[i];
+    m[i] = v;
+  }
+  return m;
+}
+
+// ------------------------------------------------------------------------------------------
+// hadamard
+// ------------------------------------------------------------------------------------------
+
+void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
+              uintptr_t signs_ptr, double scale, uintptr_t out_ptr, int num_threads) {
+  const int dt = parse_dtype(dtype, "hadamard");
+  check_shape("hadamard", rows, n, K);
+  if (!std::isfinite(scale)) throw std::invalid_argument("hadamard: scale must be finite");
+  if (rows == 0) return;
+  if (!x_ptr || !out_ptr) throw std::invalid_argument("hadamard: null x or out pointer");
+  if (K > 1 && !hk_ptr) throw std::invalid_argument("hadamard: K > 1 needs H_K (hk_ptr)");
+  const float* hk = reinterpret_cast<const float*>(hk_ptr);
+  const float* signs = reinterpret_cast<const float*>(signs_ptr);
+  // K = 1: H_1 is [[h]] (normally 1); fold it into the scale.
+  const float s = static_cast<float>(scale) * (K == 1 && hk ? hk[0] : 1.0f);
+  const Plan pl = Plan::make(n, K);
+  const gemm::Buffer<float> m = make_multiplier(n, s, signs, nullptr);
+  const bool vec = use_avx512() && pl.L >= 16;
+  const int nt = pick_threads(num_threads, rows, n);
+  const size_t es = dtype_size(dt);
+  const char* x = reinterpret_cast<const char*>(x_ptr);
+  char* out = reinterpret_cast<char*>(out_ptr);
+  const size_t nbuf = static_cast<size_t>((n + 15) / 16 * 16);
+  std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
+  for (int t = 0; t < nt; ++t) {
+    ys[t].resize(nbuf);
+    if (K > 1 && !vec) zs[t].resize(nbuf);
+  }
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = thread_id(), T = thread_count();
+    const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+    float* y = ys[t].data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const void* xr = x + static_cast<size_t>(r) * n * es;
+      void* orow = out + static_cast<size_t>(r) * n * es;
+#ifdef OOD_FAST_X86
+      if (vec) {
+        switch (dt) {
+          case kF32: avx512_hadamard_row<kF32>(pl, xr, m.data(), hk, y, orow); break;
+          case kF16: avx512_hadamard_row<kF16>(pl, xr, m.data(), hk, y, orow); break;
+          default: avx512_hadamard_row<kBF16>(pl, xr, m.data(), hk, y, orow); break;
+        }
+        continue;
+      }
+#endif
+      float* z = K > 1 ? zs[t].data() : y;
+      generic_transform(pl, xr, dt, m.data(), hk, y, z);
+      for (int64_t i = 0; i < n; ++i) store_elem(orow, dt, i, z[i]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// rotate_quantize
+// ------------------------------------------------------------------------------------------
+
+struct RQ {
+  Plan pl;
+  int dt = kF32;
+  int64_t n = 0;
+  bool rotate = true, asym = false, vec = false;
+  const char* x = nullptr;
+  const float* m = nullptr;       // multiplier (rotate)
+  const float* smooth = nullptr;  // K = 0 only
+  const float* hk = nullptr;
+
+  // Row r transformed into z (y: work buffer; z may be y on the AVX-512 path when K == 1), its
+  // extremes merged into st. Returns z.
+  const float* row(int64_t r, float* y, float* z, Stats& st) const {
+    const void* xr = x + static_cast<size_t>(r) * n * dtype_size(dt);
+#ifdef OOD_FAST_X86
+    if (vec) {
+      if (!rotate) {
+        avx512_prepare_stats(xr, dt, smooth, n, z, st);
+        return z;
+      }
+      if (asym) {
+        switch (dt) {
+          case kF32: avx512_transform_stats<kF32, true>(pl, xr, m, hk, y, z, st); break;
+          case kF16: avx512_transform_stats<kF16, true>(pl, xr, m, hk, y, z, st); break;
+          default: avx512_transform_stats<kBF16, true>(pl, xr, m, hk, y, z, st); break;
+        }
+      } else {
+        switch (dt) {
+          case kF32: avx512_transform_stats<kF32, false>(pl, xr, m, hk, y, z, st); break;
+          case kF16: avx512_transform_stats<kF16, false>(pl, xr, m, hk, y, z, st); break;
+          default: avx512_transform_stats<kBF16, false>(pl, xr, m, hk, y, z, st); break;
+        }
+      }
+      return z;
+    }
+#endif
+    if (!rotate)
+      generic_prepare(xr, dt, smooth, n, z);
+    else
+      generic_transform(pl, xr, dt, m, hk, y, z);
+    generic_stats(z, n, st);
+    return z;
+  }
+
+  void quantize(const float* zr, const QParams& q, void* codes) const {
+#ifdef OOD_FAST_X86
+    if (vec) return avx512_quantize(zr, n, q, codes);
+#endif
+    generic_quantize(zr, n, q, codes);
+  }
+};
+
+void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
+                     uintptr_t signs_ptr, uintptr_t smooth_ptr, bool per_token, bool symmetric, double static_scale,
+                     int bits, uintptr_t codes_ptr, uintptr_t scales_ptr, uintptr_t zeros_ptr, int num_threads) {
+  const char* fn = "rotate_quantize";
+  const int dt = parse_dtype(dtype, fn);
+  if (K == 0) {
+    if (rows < 0 || n < 1) throw std::invalid_argument("rotate_quantize: need rows >= 0 and n >= 1");
+    if (signs_ptr) throw std::invalid_argument("rotate_quantize: signs need a rotation (K >= 1)");
+  } else {
+    check_shape(fn, rows, n, K);
+  }
+  if (bits < 2 || bits > 8) throw std::invalid_argument("rotate_quantize: bits must be in 2..8");
+  if (!std::isfinite(static_scale)) throw std::invalid_argument("rotate_quantize: static_scale must be finite");
+  const bool is_static = static_scale > 0.0;
+  if (is_static && !symmetric) throw std::invalid_argument("rotate_quantize: a static scale needs symmetric");
+  if (K > 1 && !hk_ptr) throw std::invalid_argument("rotate_quantize: K > 1 needs H_K (hk_ptr)");
+  if (!symmetric && !zeros_ptr) throw std::invalid_argument("rotate_quantize: asymmetric needs zeros_ptr");
+  if (rows == 0 && per_token) return;
+  if ((rows > 0 && (!x_ptr || !codes_ptr)) || !scales_ptr)
+    throw std::invalid_argument("rotate_quantize: null x, codes or scales pointer");
+
+  RQ rq;
+  rq.dt = dt;
+  rq.n = n;
+  rq.rotate = K >= 1;
+  rq.asym = !symmetric;
+  rq.x = reinterpret_cast<const char*>(x_ptr);
+  rq.smooth = reinterpret_cast<const float*>(smooth_ptr);
+  const float* hk = reinterpret_cast<const float*>(hk_ptr);
+  rq.hk = hk;
+  gemm::Buffer<float> m;
+  if (rq.rotate) {
+    rq.pl = Plan::make(n, K);
+    const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))) * (K == 1 && hk ? hk[0] : 1.0f);
+    m = make_multiplier(n, s, reinterpret_cast<const float*>(signs_ptr), rq.smooth);
+    rq.m = m.data();
+    rq.vec = use_avx512() && rq.pl.L >= 16;
+  } else {
+    rq.vec = use_avx512();
+  }
+  const float sstat = static_cast<float>(static_scale);
+  int8_t* codes = reinterpret_cast<int8_t*>(codes_ptr);
+  float* scales = reinterpret_cast<float*>(scales_ptr);
+  int32_t* zeros = reinterpret_cast<int32_t*>(zeros_ptr);
+  // The transformed row may live in the work buffer itself only for K == 1 on the AVX-512 path.
+  const bool z_is_y = rq.vec && rq.rotate && K == 1;
+  const size_t nbuf = static_cast<size_t>((n + 15) / 16 * 16);
+  const int nt = pick_threads(num_threads, std::max<int64_t>(rows, 1), n);
+
+  if (per_token || is_static) {
+    std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
+    for (int t = 0; t < nt; ++t) {
+      ys[t].resize(nbuf);
+      if (!z_is_y) zs[t].resize(nbuf);
+    }
+    if (!per_token) scales[0] = sstat;
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = thread_id(), T = thread_count();
+      const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+      float* y = ys[t].data();
+      float* z = z_is_y ? y : zs[t].data();
+      for (int64_t r = r0; r < r1; ++r) {
+        Stats st;
+        const float* zr = rq.row(r, y, z, st);
+        const QParams q = make_params(st, symmetric, sstat, bits);
+        rq.quantize(zr, q, codes + r * n);
+        if (per_token) {
+          scales[r] = q.scale;
+          if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
+        }
+      }
+    }
+    return;
+  }
+
+  // Per tensor, dynamic: the global extremes first.
+  const int64_t rows_t = (rows + nt - 1) / nt;
+  const bool keep = rows_t * static_cast<int64_t>(nbuf) * 4 <= kKeepBytes;
+  std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
+  for (int t = 0; t < nt; ++t) {
+    ys[t].resize(nbuf);
+    zs[t].resize(keep ? static_cast<size_t>(rows_t) * nbuf : (z_is_y ? 0 : nbuf));
+  }
+  std::vector<Stats> part(nt);
+  QParams q;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = thread_id(), T = thread_count();
+    const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
+    float* y = ys[t].data();
+    Stats st;
+    std::vector<const float*> where;
+    for (int64_t r = r0; r < r1; ++r) {
+      float* z = keep ? zs[t].data() + (r - r0) * nbuf : (z_is_y ? y : zs[t].data());
+      const float* zr = rq.row(r, y, z, st);
+      if (keep) where.push_back(zr);
+    }
+    part[t] = st;
+#pragma omp barrier
+#pragma omp single
+    {
+      Stats g;
+      for (const Stats& p : part) g.merge(p);
+      q = make_params(g, symmetric, 0.0f, bits);
+      scales[0] = q.scale;
+      if (zeros) zeros[0] = static_cast<int32_t>(q.zero);
+    }  // implicit barrier: every thread sees q
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* zr;
+      if (keep) {
+        zr = where[r - r0];
+      } else {  // second read of the input: the rows did not fit
+        Stats unused;
+        zr = rq.row(r, y, z_is_y ? y : zs[t].data(), unused);
+      }
+      rq.quantize(zr, q, codes + r * n);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ood_fast
+
+void bind_hadamard(py::module_& m) {
+  m.def("hadamard", &ood_fast::hadamard, py::arg("x_ptr"), py::arg("dtype"), py::arg("rows"), py::arg("n"),
+        py::arg("K"), py::arg("hk_ptr"), py::arg("signs_ptr"), py::arg("scale"), py::arg("out_ptr"),
+        py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "out[r] = scale * (x[r] * signs) @ kron(H_K, S_{n/K}) for rows of x [rows, n] (f32|f16|bf16, "
+        "contiguous; fp32 arithmetic). hk_ptr: fp32 [K, K] (+-1); signs_ptr: fp32 [n] or 0; out has x's "
+        "dtype and may be x (in place). See csrc/cpu/hadamard.cpp.");
+  m.def("rotate_quantize", &ood_fast::rotate_quantize, py::arg("x_ptr"), py::arg("dtype"), py::arg("rows"),
+        py::arg("n"), py::arg("K"), py::arg("hk_ptr"), py::arg("signs_ptr"), py::arg("smooth_ptr"),
+        py::arg("per_token"), py::arg("symmetric"), py::arg("static_scale"), py::arg("bits"), py::arg("codes_ptr"),
+        py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+        "Fused (x / smooth) -> Hadamard (1/sqrt(n), signs; K = 0: none) -> int quantization of x [rows, n]. "
+        "codes [rows, n] int8 (symmetric) or uint8; scales fp32 [rows] (per token) or [1]; zeros int32 like "
+        "scales or 0 when symmetric; static_scale <= 0: dynamic; bits 2..8. See csrc/cpu/hadamard.cpp.");
+}
