@@ -549,3 +549,16 @@ def test_equalizing_rotation_for_non_hadamard_sizes(n):
     torch.testing.assert_close(q.T @ q, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
     d = torch.diagonal(q.T @ cov @ q)
     torch.testing.assert_close(d, torch.full((n,), float(cov.trace()) / n, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_quantize_mamba_on_cuda_matches_cpu(outlier_lm):
+    """The same transforms on a CUDA model (calibration on the GPU, fusion on the CPU in fp64)."""
+    model, calib, test, ref = outlier_lm
+    cpu = quantize_mamba(model, calib, "mambaquant")
+    gpu = quantize_mamba(model.cuda(), [b.cuda() for b in calib], "mambaquant")
+    model.cpu()
+    assert gpu.lm_head.qweight.is_cuda
+    with torch.no_grad():
+        a, b = cpu(test), gpu(test.cuda()).cpu()
+    assert _sqnr_db(a, b) > 30 and _sqnr_db(ref, b) > _sqnr_db(ref, a) - 1

@@ -126,6 +126,7 @@ class QuantLinear(nn.Module):
         self.act_granularity = act_granularity
         self.rot_kind = "none"  # "none" | "hadamard" (rot = signs or None) | "dense"
         self._hr = None  # cached HadamardRotation (it caches its signs per device)
+        self._static = None  # float(act_scale), cached
         for name in ("qweight", "wscale", "weight", "bias", "smooth", "rot", "act_scale"):
             self.register_buffer(name, None)
 
@@ -182,7 +183,13 @@ class QuantLinear(nn.Module):
         if self.a_bits is None:
             out = F.linear(self.transform_input(x2), self.dequantized_weight(), self.bias)
         else:
-            static = None if self.act_scale is None else float(self.act_scale)
+            # a Python float (the op's static_scale); cached so a CUDA forward does not sync
+            if self.act_scale is None:
+                static = None
+            else:
+                if self._static is None:
+                    self._static = float(self.act_scale)
+                static = self._static
             q = ops.rotate_quantize(
                 x2 if x2.dtype != torch.float64 else x2.float(),
                 rotation=self.rotation_spec(),
