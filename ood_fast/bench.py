@@ -1911,7 +1911,8 @@ def render_gpu(results: dict) -> str:
 #                activations (``ood_fast.quant.synthetic``) and on the inputs of the linears of
 #                a randomly initialised Mamba block with injected outliers (``ood_fast.quant``):
 #                SQNR = 10 log10(Σ y² / Σ (ŷ − y)²), y in float64, ŷ from our ops
-#                (rotate_quantize + int8_linear).
+#                (rotate_quantize + int8_linear), measured by quant.synthetic's
+#                evaluate_linear_w8a8 (one definition for the bench and the SQNR gate tests).
 
 QUANT_OPS = ("hadamard", "rotate_quantize", "int8_linear")
 QUANT_PEERS = ("copy", "dense", "torch_fp32", "torch_int8", "int_mm")
@@ -2810,86 +2811,32 @@ def sqnr_linear(
     x_cal: torch.Tensor,
     x_test: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
     *,
     methods: Sequence[str] = QUANT_METHODS,
     granularities: Sequence[str] = QUANT_GRANULARITIES,
     alpha: float = 0.5,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """W8A8 SQNR (dB) of ``y = x Wᵀ + b`` on ``x_test [T, n]`` for every method × granularity:
-    {method: {granularity: dB}}. Methods (QUANT_METHODS): "none"; "H" a random Hadamard
-    (``ops.random_hadamard(n, seed)``); "KLT+H" ``klt_rotation`` of the calibration covariance
-    (fp64, dense); "smooth+" first divides x by ``smooth_scales(absmax of x_cal, W, alpha)``
-    (and multiplies W's columns by it). The weight gets the same transforms offline (fp64), then
-    int8 per output channel (``ops.quantize_weight``); activations are quantized by
-    ``ops.rotate_quantize``: "per_tensor" with a static scale (the per-tensor absmax of the
-    transformed calibration activations / 127), "per_token" dynamically; ŷ by
-    ``ops.int8_linear``, y in float64."""
-    bad = [m for m in methods if m not in QUANT_METHODS]
-    bad += [g for g in granularities if g not in QUANT_GRANULARITIES]
-    if bad:
-        raise ValueError(f"unknown methods/granularities {bad}")
-    try:  # the one definition of the measurement, where quant-eval's module is merged
-        from .quant.synthetic import evaluate_linear_w8a8
-    except ImportError:
-        evaluate_linear_w8a8 = None
-    if evaluate_linear_w8a8 is not None and bias is None:
-        return {
-            m: {
-                g: evaluate_linear_w8a8(x_cal, x_test, weight, m, g, alpha=alpha, seed=seed)
-                for g in granularities
-            }
-            for m in methods
-        }
-    from . import ops
-    from .quant import CovarianceAccumulator, klt_rotation, smooth_scales
+    """W8A8 SQNR (dB) of ``y = x Wᵀ`` on ``x_test [T, n]`` for every method × granularity:
+    {method: {granularity: dB}}, measured by the one definition,
+    ``ood_fast.quant.synthetic.evaluate_linear_w8a8`` (calibrated on ``x_cal``: covariance,
+    smoothing scales, the static per-tensor scale; weights int8 per output channel through
+    ``ops.quantize_weight``, activations through ``ops.rotate_quantize``, ŷ by
+    ``ops.int8_linear``, y in float64). Methods QUANT_METHODS, granularities "per_tensor"
+    (static) and "per_token" (dynamic)."""
+    from .quant.synthetic import evaluate_linear_w8a8
 
     bad = [m for m in methods if m not in QUANT_METHODS]
     bad += [g for g in granularities if g not in QUANT_GRANULARITIES]
     if bad:
         raise ValueError(f"unknown methods/granularities {bad}")
-    n = weight.shape[1]
-    w64 = weight.detach().to(torch.float64)
-    b = None if bias is None else bias.detach().to(torch.float32)
-    y_ref = x_test.detach().to(torch.float64) @ w64.T
-    if b is not None:
-        y_ref = y_ref + b.to(torch.float64)
-    x_cal = x_cal.detach().to(torch.float32).contiguous()
-    x_test = x_test.detach().to(torch.float32).contiguous()
-    out: dict[str, dict[str, float]] = {}
-    for m in methods:
-        smooth = None
-        if m.startswith("smooth"):
-            smooth = smooth_scales(x_cal.abs().amax(dim=0), weight.detach(), alpha=alpha)
-            smooth = torch.as_tensor(smooth, dtype=torch.float32)
-        xs_cal = x_cal if smooth is None else x_cal / smooth
-        rotation, r64 = None, None
-        if "KLT" in m:
-            acc = CovarianceAccumulator(n)
-            acc.update(xs_cal)
-            r64 = torch.as_tensor(klt_rotation(acc.covariance, seed=seed), dtype=torch.float64)
-            rotation = r64.to(torch.float32)
-        elif m.endswith("H"):
-            rotation = ops.random_hadamard(n, seed=seed)
-            r64 = rotation.matrix(torch.float64)
-        w_eff = w64 if smooth is None else w64 * smooth.to(torch.float64)[None, :]
-        if r64 is not None:
-            w_eff = w_eff @ r64
-        qw, sw = ops.quantize_weight(w_eff.to(torch.float32).contiguous())
-        out[m] = {}
-        for g in granularities:
-            if g == "per_tensor":
-                cal = ops.rotate_quantize(x_cal, rotation, smooth=smooth, granularity="per_tensor")
-                static = float(cal.scale)
-                q = ops.rotate_quantize(
-                    x_test, rotation, smooth=smooth, granularity="per_tensor", static_scale=static
-                )
-            else:
-                q = ops.rotate_quantize(x_test, rotation, smooth=smooth, granularity="per_token")
-            y = ops.int8_linear(q.codes, q.scale, qw, sw, b)
-            out[m][g] = sqnr_db(y, y_ref)
-    return out
+    return {
+        m: {
+            g: evaluate_linear_w8a8(x_cal, x_test, weight, m, g, alpha=alpha, seed=seed)
+            for g in granularities
+        }
+        for m in methods
+    }
 
 
 def quant_sqnr_sources(preset: str = "default") -> tuple[list[dict], list[tuple[str, str]]]:
@@ -2981,7 +2928,9 @@ def run_quant_sqnr(preset: str = "default", progress: bool = True) -> tuple[list
     rows = []
     for s in sources:
         try:
-            t = sqnr_linear(s["x_cal"], s["x_test"], s["weight"], s.get("bias"))
+            if s.get("bias") is not None:  # the measurement is of x Wᵀ: a bias adds nothing
+                raise ValueError("a linear with a bias: not measured")
+            t = sqnr_linear(s["x_cal"], s["x_test"], s["weight"])
             rows.append(
                 {
                     "source": s["name"],
