@@ -161,6 +161,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             acc_s = f", max rel diff {acc:.1e}" if isinstance(acc, float) else ""
             if isinstance(o.get("max_abs_diff_f64"), float):  # KNN: scores are absolute
                 acc_s += f", max |Δ| vs float64 {o['max_abs_diff_f64']:.1e}"
+            if isinstance(o.get("scale_rel_diff"), float):  # quant: rotate_quantize's check
+                acc_s += (
+                    f", scales vs float64 {o['scale_rel_diff']:.1e}, "
+                    f"max |code − y/scale| {o['max_code_err']:.3f}"
+                )
             if isinstance(o.get("sqnr_db"), float):  # quant: W8A8 vs float64
                 acc_s += f", SQNR vs float64 {o['sqnr_db']:.1f} dB"
             if o.get("backend_used"):

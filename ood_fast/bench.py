@@ -3083,7 +3083,7 @@ def render_quant(result: dict) -> str:
                     name,
                     r.get("backend_used") or r.get("engine") or "-",
                     ms,
-                    f"{rate:.1f}" if rate is not None else "-",
+                    f"{rate:.3g}" if rate is not None else "-",
                     *[_fmt_x(sp.get(k)) if r["kind"] == "ours" else "" for k, _ in vs],
                     check,
                 ]
