@@ -11,6 +11,7 @@ with the backend's own reason, while that backend cannot run (e.g. before its ke
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 
@@ -57,9 +58,15 @@ def run_backend(backend: str, fn, *args, **kwargs):
         pytest.skip(str(exc))
 
 
+@functools.lru_cache(maxsize=1)  # one at a time: H_5120 is 200 MB
+def dense_h(n: int) -> np.ndarray:
+    """float64 numpy H_n from hadamard_matrix (which is checked on its own above)."""
+    return ref.hadamard_matrix(n).numpy()
+
+
 def dense_numpy(x: torch.Tensor, n: int, scale: float, signs=None) -> np.ndarray:
-    """float64 numpy ``scale · (x · signs) @ H_n`` with H from hadamard_matrix (checked apart)."""
-    H = ref.hadamard_matrix(n).numpy()
+    """float64 numpy ``scale · (x · signs) @ H_n``."""
+    H = dense_h(n)
     xs = x.detach().cpu().double().numpy()
     if signs is not None:
         xs = xs * signs.cpu().double().numpy()
@@ -170,7 +177,32 @@ def test_factorize():
 # Reference transform
 # ---------------------------------------------------------------------------------------------
 
-REF_SIZES = [1, 2, 4, 8, 12, 24, 40, 48, 56, 64, 384, 1024, 1536, 5120, 8192]
+REF_SIZES = [1, 2, 4, 8, 12, 24, 40, 48, 56, 64, 384, 1024, 1536, 5120]
+
+
+def numpy_fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised Walsh–Hadamard transform (natural order) along the last axis, float64:
+    the textbook butterfly (a, b) -> (a + b, a - b) over strides 1, 2, 4, ..."""
+    y = np.array(x, dtype=np.float64)
+    n = y.shape[-1]
+    h = 1
+    while h < n:
+        y = y.reshape(*y.shape[:-1], n // (2 * h), 2, h)
+        a, b = y[..., 0, :].copy(), y[..., 1, :].copy()
+        y[..., 0, :], y[..., 1, :] = a + b, a - b
+        y = y.reshape(*y.shape[:-3], n)
+        h *= 2
+    return y
+
+
+@pytest.mark.parametrize("n", [2, 64, 8192, 32768])
+def test_reference_matches_numpy_butterfly(n):
+    x = torch.randn(3, n, dtype=torch.float64)
+    np.testing.assert_allclose(
+        ref.hadamard(x, scale=1.0).numpy(), numpy_fwht(x.numpy()), atol=1e-9 * math.sqrt(n)
+    )
+    if n <= 64:  # the butterfly itself against scipy
+        np.testing.assert_allclose(numpy_fwht(x.numpy()), x.numpy() @ scipy.linalg.hadamard(n))
 
 
 @pytest.mark.parametrize("n", REF_SIZES)

@@ -176,6 +176,10 @@ def test_absmax_observer():
     assert obs.count == 60
     with pytest.raises(ValueError, match="no data"):
         AbsMaxObserver(8).per_channel()
+    inferred = AbsMaxObserver().update(xs[0])
+    assert inferred.dim == 8 and torch.equal(inferred.per_channel(), xs[0].abs().amax((0, 1)))
+    with pytest.raises(ValueError, match=r"\[..., 8\]"):
+        inferred.update(torch.randn(2, 9))
 
 
 def test_percentile_observer_exact_below_capacity():
@@ -239,3 +243,15 @@ def test_smoothing_preserves_the_product():
     # and the activation range is flattened
     ratio = lambda t: float(t.abs().amax(0).max() / t.abs().amax(0).min())  # noqa: E731
     assert ratio(x / s) < ratio(x)
+
+
+@pytest.mark.gpu
+def test_calibration_on_cuda():
+    x = torch.from_numpy(_data(500, 16, seed=1))
+    acc = CovarianceAccumulator(16).update(x[:200].cuda()).update(x[200:].cuda())
+    assert acc.covariance.device.type == "cuda"
+    np.testing.assert_allclose(acc.covariance.cpu().numpy(), np.cov(x.numpy().T, bias=True),
+                               atol=1e-11)  # fmt: skip
+    R = klt_rotation(acc.covariance)
+    assert R.device.type == "cuda"
+    np.testing.assert_allclose((R @ R.T).cpu().numpy(), np.eye(16), atol=1e-12)

@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_hadamard_ops import backend_device, run_backend  # tests/ is on sys.path
+from test_hadamard_ops import backend_device, dense_h, run_backend  # tests/ is on sys.path
 
 from ood_fast import _backend
 from ood_fast import ops as public_ops
@@ -48,9 +48,10 @@ def np_rotate(x, rotation=None, smooth=None):
     if isinstance(rotation, torch.Tensor):
         R = rotation.double().numpy()
     else:
-        R = href.hadamard_matrix(n).numpy() / math.sqrt(n)
+        R = dense_h(n)
         if isinstance(rotation, public_ops.HadamardRotation) and rotation.signs is not None:
-            R = rotation.signs.double().numpy()[:, None] * R
+            x64 = x64 * rotation.signs.double().numpy()  # x diag(s) H = (x · s) H
+        return ((x64 @ R) / math.sqrt(n)).astype(F32)
     return (x64 @ R).astype(F32)
 
 
@@ -561,12 +562,12 @@ def _rq_case(backend, case, dtype=torch.float32):
     if backend == "triton" and device.type == "cpu" and n > 384:
         pytest.skip("the Triton interpreter runs tiny shapes only")
     x = heavy((*lead, n), seed=n).to(dtype).to(device)
-    rotation = {
-        None: None,
-        "hadamard": "hadamard",
-        "random": public_ops.random_hadamard(n, seed=2),
-        "dense": torch.linalg.qr(torch.randn(n, n))[0].to(device),
-    }[rot]
+    if rot == "dense":
+        rotation = torch.linalg.qr(torch.randn(n, n))[0].to(device)
+    elif rot == "random":
+        rotation = public_ops.random_hadamard(n, seed=2)
+    else:
+        rotation = rot
     s = (torch.rand(n) + 0.5).to(device) if smooth else None
     got = run_backend(backend, public_ops.rotate_quantize, x, rotation, s, gran, sym, static, bits)
     ref_q = public_ops.rotate_quantize(x, rotation, s, gran, sym, static, bits, backend="torch")
@@ -634,3 +635,29 @@ def test_cpu_int8_linear_rejects_fp16_out():
     out = torch.empty(2, 3, dtype=torch.float16)
     why = _backend.reasons("int8_linear", "cpu", qx, sx, None, qw, sw, None, out)
     assert any("float16" in w or "Int8Weight" in w for w in why)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda_tensors():
+    """The reference runs on CUDA tensors too (the fallback there): same results as on CPU."""
+    dev = torch.device("cuda")
+    x = heavy((3, 7, 96))
+    rot, smooth = public_ops.random_hadamard(96, seed=3), torch.rand(96) + 0.5
+    torch.testing.assert_close(
+        public_ops.hadamard(x.to(dev), signs=rot.signs.to(dev), backend="torch").cpu(),
+        public_ops.hadamard(x, signs=rot.signs, backend="torch"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    for sym in (True, False):
+        q = public_ops.rotate_quantize(x.to(dev), rot, smooth.to(dev), symmetric=sym,
+                                       backend="torch")  # fmt: skip
+        assert q.codes.device.type == "cuda"
+        e = public_ops.rotate_quantize(x, rot, smooth, symmetric=sym, backend="torch")
+        assert int((q.codes.cpu().int() - e.codes.int()).abs().max()) <= 1
+        torch.testing.assert_close(q.scale.cpu(), e.scale, rtol=2e-6, atol=0)
+    qx, sx, qw, sw, bias, zx = linear_case(33, 17, 300, unsigned=True)
+    got = public_ops.int8_linear(qx.to(dev), sx.to(dev), qw.to(dev), sw.to(dev), bias.to(dev),
+                                 zx=zx.to(dev), backend="torch")  # fmt: skip
+    _, expect = np_int8_linear(qx, sx, qw, sw, bias, zx)
+    np.testing.assert_allclose(got.cpu().double().numpy(), expect, rtol=3e-6, atol=1e-6)

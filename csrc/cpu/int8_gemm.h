@@ -127,26 +127,30 @@ inline void pack_a_block(const uint8_t* x, int64_t ld, int64_t rows, int64_t K, 
 // acc: add to C (a later k-range of the same output block) instead of overwriting it.
 using MicroKernel = void (*)(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows, bool acc);
 
+// Portable: each k-block of B is first spread to bt[k][j] (int16, columns contiguous), so the
+// inner loop is a contiguous multiply-add over the 32 columns that compilers vectorize.
 template <bool U8>
 void ukr_generic(int64_t nkb, const uint8_t* A, const int8_t* B, int32_t* C, int rows, bool accum) {
-  int32_t acc[NB];
-  for (int r = 0; r < rows; ++r) {
-    for (int j = 0; j < NB; ++j) acc[j] = accum ? C[r * NB + j] : 0;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
+  int16_t bt[KB][NB];
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < NB; ++j)
+      if (!accum) C[r * NB + j] = 0;
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int8_t* b = B + kb * B_KBLOCK;
+    for (int h = 0; h < 2; ++h)
+      for (int q = 0; q < 16; ++q)
+        for (int j = 0; j < 16; ++j)
+          for (int t = 0; t < 4; ++t) bt[4 * q + t][16 * h + j] = b[h * 1024 + q * 64 + 4 * j + t];
+    for (int r = 0; r < rows; ++r) {
       const uint8_t* a = A + kb * A_KBLOCK + r * KB;
-      const int8_t* b = B + kb * B_KBLOCK;
-      for (int q = 0; q < 16; ++q) {
-        int32_t av[4];
-        for (int t = 0; t < 4; ++t)
-          av[t] = U8 ? static_cast<int32_t>(a[4 * q + t]) : static_cast<int32_t>(static_cast<int8_t>(a[4 * q + t]));
-        for (int h = 0; h < 2; ++h) {
-          const int8_t* bq = b + h * 1024 + q * 64;
-          for (int j = 0; j < 16; ++j)
-            acc[16 * h + j] += av[0] * bq[4 * j] + av[1] * bq[4 * j + 1] + av[2] * bq[4 * j + 2] + av[3] * bq[4 * j + 3];
-        }
+      int32_t acc[NB];
+      for (int j = 0; j < NB; ++j) acc[j] = C[r * NB + j];
+      for (int k = 0; k < KB; ++k) {
+        const int32_t av = U8 ? static_cast<int32_t>(a[k]) : static_cast<int32_t>(static_cast<int8_t>(a[k]));
+        for (int j = 0; j < NB; ++j) acc[j] += av * bt[k][j];
       }
+      for (int j = 0; j < NB; ++j) C[r * NB + j] = acc[j];
     }
-    for (int j = 0; j < NB; ++j) C[r * NB + j] = acc[j];
   }
 }
 

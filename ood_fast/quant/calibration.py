@@ -179,17 +179,30 @@ def _quantile(v: torch.Tensor, q: float, dim: int | None = None) -> torch.Tensor
     return a + (b - a) * frac
 
 
-class AbsMaxObserver:
-    """Running max of |x| per channel (last dimension) over every observed batch, float32."""
+def _infer_dim(obs, x) -> torch.Tensor:
+    """x as a tensor; fixes ``obs.dim`` from x's last dimension on the first batch."""
+    x = as_tensor(x, "x")
+    if obs.dim is None:
+        if x.dim() == 0:
+            raise ValueError("x: expected shape [..., dim], got a scalar")
+        obs.dim = _check_dim(int(x.shape[-1]))
+    return x
 
-    def __init__(self, dim: int):
-        self.dim = _check_dim(dim)
+
+class AbsMaxObserver:
+    """Running max of |x| per channel (last dimension) over every observed batch, float32.
+
+    ``dim`` may be left None: the first batch fixes it.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = None if dim is None else _check_dim(dim)
         self.count = 0
         self._absmax: torch.Tensor | None = None
 
     def update(self, x) -> AbsMaxObserver:
         """Observe ``x [..., dim]``. Returns self."""
-        rows = _rows(x, self.dim)
+        rows = _rows(_infer_dim(self, x), self.dim)
         if rows.shape[0]:
             m = rows.abs().amax(dim=0).to(torch.float32)
             self._absmax = (
@@ -236,12 +249,7 @@ class PercentileObserver:
 
     def update(self, x) -> PercentileObserver:
         """Observe ``x [..., dim]`` (dim fixed by the first batch when not given). Returns self."""
-        x = as_tensor(x, "x")
-        if self.dim is None:
-            if x.dim() == 0:
-                raise ValueError("x: expected shape [..., dim]")
-            self.dim = int(x.shape[-1])
-        rows = _rows(x, self.dim).abs().to("cpu", torch.float32)
+        rows = _rows(_infer_dim(self, x), self.dim).abs().to("cpu", torch.float32)
         n = rows.shape[0]
         if n == 0:
             return self

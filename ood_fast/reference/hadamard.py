@@ -167,13 +167,14 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 def _sylvester_split(p: int) -> list[int]:
-    """Sizes of the Sylvester factors S_{2^p} is applied as (each ≤ _MAX_FACTOR, product 2^p)."""
+    """Sizes of the Sylvester factors S_{2^p} is applied as (each ≤ _MAX_FACTOR, product 2^p),
+    the remainder first so that the last (one plain GEMM over all rows) is the largest."""
     sizes = []
     while p > 0:
         step = min(p, _MAX_FACTOR.bit_length() - 1)
         sizes.append(1 << step)
         p -= step
-    return sizes
+    return sizes[::-1]
 
 
 def hadamard(
@@ -191,8 +192,9 @@ def hadamard(
 
     How: ``H_n = H_K ⊗ S_{f1} ⊗ … ⊗ S_{fr}`` with every f ≤ 64, so x is viewed as a tensor
     ``[rows, K, f1, …, fr]`` and each axis is contracted with its small dense factor (one GEMM
-    per factor, ``y_axis = Fᵀ x_axis``, i.e. row-vector ``x @ F`` along that axis). This is exact
-    Kronecker algebra, costs O(n·(K + Σ f)) per row and never builds ``H_n``.
+    per factor, ``y_axis = Fᵀ x_axis``, i.e. row-vector ``x @ F`` along that axis; the last axis
+    is one plain ``[rows·n/f, f] @ [f, f]`` GEMM, and carries the scale). This is exact Kronecker
+    algebra, costs O(n·(K + Σ f)) per row and never builds ``H_n``.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x))}")
@@ -210,17 +212,21 @@ def hadamard(
     factors = ([(K, _factor_int(K))] if K > 1 else []) + [
         (f, _sylvester_int(f)) for f in _sylvester_split(p)
     ]
+    if not factors:  # n = 1
+        return (y * scale).reshape(shape).to(x.dtype)
     # Contract the axes one by one. View as [rows·pre, f, post] for the current axis of size f;
     # the result along that axis is Σ_a F[a, c] · y[.., a, ..] = (Fᵀ @ y_view).
     pre = rows
     post = n
-    for f, F in factors:
+    for i, (f, F) in enumerate(factors):
         post //= f
-        Ft = F.T.to(device=x.device, dtype=acc).contiguous()
-        y = torch.matmul(Ft, y.reshape(pre, f, post))
+        F = F.to(device=x.device, dtype=acc)
+        if i == len(factors) - 1:
+            y = y.reshape(-1, f) @ (F * scale)  # post == 1: one GEMM over every row
+        else:
+            y = torch.matmul(F.T.contiguous(), y.reshape(pre, f, post))
         pre *= f
-    y = y.reshape(shape) * scale
-    return y.to(x.dtype)
+    return y.reshape(shape).to(x.dtype)
 
 
 class HadamardRotation:
