@@ -661,3 +661,14 @@ def test_torch_backend_on_cuda_tensors():
                                  zx=zx.to(dev), backend="torch")  # fmt: skip
     _, expect = np_int8_linear(qx, sx, qw, sw, bias, zx)
     np.testing.assert_allclose(got.cpu().double().numpy(), expect, rtol=3e-6, atol=1e-6)
+
+
+def test_int8_linear_inference_mode_weights():
+    """Weights made under inference_mode carry no version counter: the cache must cope."""
+    with torch.inference_mode():
+        qx, sx, qw, sw, bias, _ = linear_case(4, 5, 24)
+        out = public_ops.int8_linear(qx, sx, qw, sw, bias)
+        again = public_ops.int8_linear(qx, sx, qw, sw, bias)
+    _, expect = np_int8_linear(qx, sx, qw, sw, bias)
+    np.testing.assert_allclose(out.double().numpy(), expect, rtol=3e-6, atol=1e-6)
+    assert torch.equal(out, again)

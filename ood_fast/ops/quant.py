@@ -277,9 +277,16 @@ def quantize_weight(
 _WEIGHTS: dict[int, tuple[weakref.ref, tuple, dict]] = {}
 
 
+def _version(w: torch.Tensor) -> int:
+    try:
+        return w._version
+    except RuntimeError:  # inference tensors track no version: they cannot be edited in place
+        return -1
+
+
 def weight_cache(w: torch.Tensor) -> dict:
     """A dict living as long as ``w`` is alive and unmodified (same storage and version)."""
-    stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, str(w.device))
+    stamp = (w.data_ptr(), _version(w), tuple(w.shape), w.dtype, str(w.device))
     entry = _WEIGHTS.get(id(w))
     if entry is None or entry[0]() is not w or entry[1] != stamp:
         if len(_WEIGHTS) >= 256:

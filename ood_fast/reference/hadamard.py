@@ -85,7 +85,8 @@ def _jacobsthal(q: int) -> torch.Tensor:
 def _paley1(q: int) -> torch.Tensor:
     """Paley construction I, q ≡ 3 (mod 4) prime: order q + 1.
 
-    ``C = [[0, 1ᵀ], [−1, Q]]`` is a skew conference matrix (C Cᵀ = q I, Cᵀ = −C), so
+    ``C = [[0, 1ᵀ], [−1, Q]]`` is a skew conference matrix (C Cᵀ = q I, from Q Qᵀ = q I − J and
+    Q 1 = 0; Cᵀ = −C), so
     ``H = I + C`` has ``H Hᵀ = I + C Cᵀ = (q + 1) I`` (the cross terms C + Cᵀ cancel).
     """
     Q = _jacobsthal(q)
@@ -101,8 +102,8 @@ def _paley2(q: int) -> torch.Tensor:
 
     ``C = [[0, 1ᵀ], [1, Q]]`` is a symmetric conference matrix (C Cᵀ = q I). Each 0 entry of C
     becomes ``A = [[1, −1], [−1, −1]]`` and each ±1 becomes ``±B``, ``B = [[1, 1], [1, −1]]``:
-    ``H = I ⊗ A + C ⊗ B``. Since A Aᵀ = B Bᵀ = 2 I and A Bᵀ + B Aᵀ = 0,
-    ``H Hᵀ = I ⊗ 2I + C Cᵀ ⊗ 2I + (C + Cᵀ) ⊗ 0 … = 2(q + 1) I``.
+    ``H = I ⊗ A + C ⊗ B``. Since A Aᵀ = B Bᵀ = 2 I, A Bᵀ + B Aᵀ = 0 and C = Cᵀ,
+    ``H Hᵀ = I ⊗ A Aᵀ + C ⊗ (A Bᵀ + B Aᵀ) + C Cᵀ ⊗ B Bᵀ = 2 I + 0 + 2q I = 2(q + 1) I``.
     """
     Q = _jacobsthal(q)
     C = torch.zeros(q + 1, q + 1, dtype=torch.int64)
