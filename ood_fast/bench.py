@@ -2402,7 +2402,7 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
         def prepare(inp):
             rot = ops.random_hadamard(n, seed=0)
             w_rot = (inp["w"].to(torch.float64) @ rot.matrix(torch.float64)).to(torch.float32)
-            qw, sw = _symmetric_int8_rows(w_rot)
+            qw, sw = ops.quantize_weight(w_rot)
             qbuf = ops.QuantizedTensor(
                 codes=torch.empty(case.rows, n, dtype=torch.int8),
                 scale=torch.empty(case.rows, dtype=torch.float32),
