@@ -2256,9 +2256,15 @@ def _copy_candidate(case: QuantCase) -> QuantCandidate:
             return st["dst"][: x.shape[0]].copy_(x)
 
         return QuantCandidate(
-            QUANT_PEER_LABELS["copy"], "peer", case.name, case.op, prepare, score,
-            role="copy", peer="copy",
-        )  # fmt: skip
+            QUANT_PEER_LABELS["copy"],
+            "peer",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            role="copy",
+            peer="copy",
+        )
 
     half = max(1, case.bytes // 2 // 4)  # fp32 elements: a copy of B/2 bytes moves B bytes
 
@@ -2312,9 +2318,17 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             return {"max_rel_diff": err}
 
         return QuantCandidate(
-            label, "ours", case.name, case.op, prepare, score, check, role=role, backend=backend,
+            label,
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role=role,
+            backend=backend,
             sliced=True,
-        )  # fmt: skip
+        )
 
     if case.op == "rotate_quantize":
 
@@ -2353,9 +2367,17 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             return {"scale_rel_diff": s_err, "max_code_err": steps}
 
         return QuantCandidate(
-            label + " random H", "ours", case.name, case.op, prepare, score, check,
-            role=role, backend=backend, sliced=True,
-        )  # fmt: skip
+            label + " random H",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role=role,
+            backend=backend,
+            sliced=True,
+        )
 
     # int8_linear
     def exact_check(got, inp, sx=None):
@@ -2387,15 +2409,27 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
         def score(st, qx):
             inp, r = case.inputs, qx.shape[0]
             return ops.int8_linear(
-                qx, inp["sx"][:r], inp["qw"], inp["sw"], inp["b"], out=st["out"][:r],
+                qx,
+                inp["sx"][:r],
+                inp["qw"],
+                inp["sw"],
+                inp["b"],
+                out=st["out"][:r],
                 backend=backend,
-            )  # fmt: skip
+            )
 
         return QuantCandidate(
-            label + " int8_linear (int8 in)", "ours", case.name, case.op, prepare, score,
+            label + " int8_linear (int8 in)",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
             lambda st, inp: exact_check(score(st, inp["qx"][:QUANT_CHECK_ROWS]), inp),
-            input_key="qx", backend=backend, sliced=True,
-        )  # fmt: skip
+            input_key="qx",
+            backend=backend,
+            sliced=True,
+        )
 
     if role == "w8a8":
 
@@ -2421,20 +2455,34 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
         def score(st, x):
             r, o = x.shape[0], st["q"]
             q = ops.rotate_quantize(
-                x, st["rot"], out=o._replace(codes=o.codes[:r], scale=o.scale[:r]), backend=backend,
-                **fin,
-            )  # fmt: skip
-            return ops.int8_linear(
-                q.codes, q.scale, st["qw"], st["sw"], case.inputs["b"], out=st["out"][:r],
+                x,
+                st["rot"],
+                out=o._replace(codes=o.codes[:r], scale=o.scale[:r]),
                 backend=backend,
-            )  # fmt: skip
+                **fin,
+            )
+            return ops.int8_linear(
+                q.codes,
+                q.scale,
+                st["qw"],
+                st["sw"],
+                case.inputs["b"],
+                out=st["out"][:r],
+                backend=backend,
+            )
 
         return QuantCandidate(
-            label + " W8A8 linear (H + quantize + int8 GEMM, fp32 in/out)", "ours", case.name,
-            case.op, prepare, score,
+            label + " W8A8 linear (H + quantize + int8 GEMM, fp32 in/out)",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
             lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
-            role="w8a8", backend=backend, sliced=True,
-        )  # fmt: skip
+            role="w8a8",
+            backend=backend,
+            sliced=True,
+        )
 
     # role == "quantlinear": the model layer, as a user calls it
     try:
@@ -2461,10 +2509,17 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
                 return st["layer"](x)
 
     return QuantCandidate(
-        label + " QuantLinear(rotation=H) forward", "ours", case.name, case.op, prepare, score,
+        label + " QuantLinear(rotation=H) forward",
+        "ours",
+        case.name,
+        case.op,
+        prepare,
+        score,
         lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
-        role="w8a8", backend=backend, sliced=True,
-    )  # fmt: skip
+        role="w8a8",
+        backend=backend,
+        sliced=True,
+    )
 
 
 def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantCandidate | str:
@@ -2493,9 +2548,17 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return {"max_rel_diff": err}
 
         return QuantCandidate(
-            QUANT_PEER_LABELS["dense"], "peer", case.name, case.op, prepare, score, check,
-            role="dense", peer="dense", sliced=True,
-        )  # fmt: skip
+            QUANT_PEER_LABELS["dense"],
+            "peer",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role="dense",
+            peer="dense",
+            sliced=True,
+        )
     if case.op != "int8_linear":
         return f"{QUANT_PEER_LABELS[name]}: only for the int8_linear case"
 
@@ -2516,10 +2579,16 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return {"max_rel_diff": err}
 
         return QuantCandidate(
-            QUANT_PEER_LABELS[name], "peer", case.name, case.op,
-            lambda inp: {"w": inp["w"], "b": inp["b"]}, score, check,
-            role=name, peer=name,
-        )  # fmt: skip
+            QUANT_PEER_LABELS[name],
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: {"w": inp["w"], "b": inp["b"]},
+            score,
+            check,
+            role=name,
+            peer=name,
+        )
     if name == "torch_int8":
         engine = engine or "fbgemm"
         inp0 = case.inputs
@@ -2534,10 +2603,17 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return {"sqnr_db": s}
 
         return QuantCandidate(
-            f"{QUANT_PEER_LABELS[name]} ({engine})", "peer", case.name, case.op,
-            lambda inp: f, lambda st, x: st(x), check,
-            role=name, peer=name, engine=engine,
-        )  # fmt: skip
+            f"{QUANT_PEER_LABELS[name]} ({engine})",
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: f,
+            lambda st, x: st(x),
+            check,
+            role=name,
+            peer=name,
+            engine=engine,
+        )
     if name == "int_mm":
         f = P.torch_int_mm_linear(case.inputs["qw"])
         if isinstance(f, str):
@@ -2551,9 +2627,17 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return {"max_rel_diff": 0.0}
 
         return QuantCandidate(
-            QUANT_PEER_LABELS[name], "peer", case.name, case.op, lambda inp: f,
-            lambda st, x: st(x), check, input_key="qx", role=name, peer=name,
-        )  # fmt: skip
+            QUANT_PEER_LABELS[name],
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: f,
+            lambda st, x: st(x),
+            check,
+            input_key="qx",
+            role=name,
+            peer=name,
+        )
     raise ValueError(f"unknown quant peer {name!r}; expected one of {QUANT_PEERS}")
 
 
