@@ -3,13 +3,13 @@
 One pytest-benchmark group per case (``ood_fast.bench.quant_cases("default")``); candidates and
 their checks come from ``ood_fast.bench`` (the same code as ``ood-fast bench --workload quant``):
 
-* ``hadamard n=… fp32 64 MB``   ours (the backend that auto-selects; ``extra_info["backend_used"]``
-                                 says which ran; ``check_finite=False``, and "ours:scan" with the
-                                 op's default NaN/Inf scan of the input, no bar) vs ``dst.copy_(src)`` of the same bytes into a
-                                 preallocated buffer (bar: >= 0.8×, K·2^m sizes >= 0.5×) and, at
-                                 n = 4096, a dense ``torch.matmul(x, H, out=)`` (bar: >= 50×);
-                                 n ∈ {256, 1024, 4096, 8192} and 1536 = 12·2^7, 3584 = 28·2^7,
-                                 5120 = 20·2^8
+* ``hadamard n=… fp32 64 MB``   ours (the backend that auto-selects, ``check_finite=False``;
+                                 ``extra_info["backend_used"]`` says which ran), "ours:scan" (the
+                                 op's default NaN/Inf scan of the input; no bar), vs
+                                 ``dst.copy_(src)`` of the same bytes into a preallocated buffer
+                                 (bar: >= 0.8×, K·2^m sizes >= 0.5×) and, at n = 4096, a dense
+                                 ``torch.matmul(x, H, out=)`` (bar: >= 50×); n ∈ {256, 1024,
+                                 4096, 8192} and 1536 = 12·2^7, 3584 = 28·2^7, 5120 = 20·2^8
 * ``rotate_quantize n=4096 …``   ours (random Hadamard, per token, fp32 -> int8, out= buffers)
                                  vs a copy moving the same total bytes (bar: >= 0.7×)
 * ``int8_linear M=2048 K=4096 N=4096``
@@ -24,7 +24,8 @@ Every candidate is checked before it is timed (``extra_info``: max rel diff vs f
 int GEMM vs int64, or SQNR vs float64). A candidate on the torch reference backend (a kernel
 not built yet) is timed on its first rows, sized to ``BUDGET_S``, and scaled linearly
 (``scale_to_full``), so the suite stays near two minutes. The ratio summary at the end
-(benchmarks/conftest.py) prints peer time / ours and each bar as ok or MISS.
+(benchmarks/conftest.py) prints peer time / ours and each bar as ok or MISS, and the same ratio
+timed interleaved with that peer (``extra_info["interleaved"]``, steadier on a shared machine).
 
     python -m pytest benchmarks/test_bench_quant.py -q --benchmark-only --bench-threads 2
 """
