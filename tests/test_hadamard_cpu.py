@@ -479,6 +479,25 @@ def test_rotate_quantize_bad_input(kw, match):
         run_rq(x, K, _hk(1), signs, None, True, symmetric, kw.get("static"), kw.get("bits", 8))
 
 
+@pytest.mark.parametrize("n", [64, 256, 4096, 1536, 5120])
+def test_streaming_stores_same_bits(n, monkeypatch):
+    """Non-temporal stores (used for large outputs; forced here) write the same values."""
+    K, _ = _factorize(n)
+    hk = _hk(K)
+    x = _x(17, n, seed=n)
+    monkeypatch.setenv("OOD_FAST_HADAMARD_STREAM", "0")
+    plain = run_hadamard(x, hk, 1 / np.sqrt(n))
+    rq_plain = [run_rq(x, K, hk, None, None, tok, sym, None, 8) for tok in (1, 0) for sym in (1, 0)]
+    monkeypatch.setenv("OOD_FAST_HADAMARD_STREAM", "1")
+    torch.testing.assert_close(run_hadamard(x, hk, 1 / np.sqrt(n)), plain, rtol=0, atol=0)
+    rq_stream = [
+        run_rq(x, K, hk, None, None, tok, sym, None, 8) for tok in (1, 0) for sym in (1, 0)
+    ]
+    for a, b in zip(rq_plain, rq_stream, strict=True):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------
 # through the ops layer (quant-py), when it exists
 # ------------------------------------------------------------------------------------------

@@ -449,5 +449,7 @@ def test_triton_gpu_sizes(n):
 def test_rotation_apply_dispatches_through_the_op():
     r = public_ops.random_hadamard(24, seed=1)
     x = torch.randn(4, 24)
-    assert torch.equal(r.apply(x, backend="torch"), public_ops.hadamard(x, signs=r.signs))
+    expect = public_ops.hadamard(x, signs=r.signs, backend="torch")
+    assert torch.equal(r.apply(x, backend="torch"), expect)
+    assert torch.equal(r(x), public_ops.hadamard(x, signs=r.signs))  # automatic backend
     assert torch.equal(r(x), r.apply(x))

@@ -41,10 +41,10 @@ def np_rotate(x, rotation=None, smooth=None):
     x32 = x.detach().cpu().float().numpy()
     n = x32.shape[-1]
     if rotation is None:
-        return x32 / smooth.numpy().astype(F32) if smooth is not None else x32
+        return x32 / smooth.cpu().numpy().astype(F32) if smooth is not None else x32
     x64 = x32.astype(np.float64)
     if smooth is not None:
-        x64 = (x32 / smooth.numpy().astype(F32)).astype(np.float64)
+        x64 = (x32 / smooth.cpu().numpy().astype(F32)).astype(np.float64)
     if isinstance(rotation, torch.Tensor):
         R = rotation.double().numpy()
     else:
@@ -108,9 +108,10 @@ def assert_codes(got, expect, v, exact):
 
 def check_against_numpy(x, rotation=None, smooth=None, granularity="per_token", symmetric=True,
                         static_scale=None, bits=8, backend="torch"):  # fmt: skip
-    q = public_ops.rotate_quantize(
-        x, rotation, smooth, granularity, symmetric, static_scale, bits, backend=backend
-    )
+    q = run_backend(
+        backend, public_ops.rotate_quantize, x, rotation, smooth, granularity, symmetric,
+        static_scale, bits,
+    )  # fmt: skip
     y = np_rotate(x, rotation, smooth)
     codes, scale, zero, v = np_quantize(
         y, granularity == "per_token", symmetric, static_scale, bits
@@ -155,19 +156,27 @@ def heavy(shape, seed=0):
     return x
 
 
+ALL_BACKENDS = ["torch", "cpu", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
-def test_no_rotation_bit_exact(bits, symmetric, granularity):
-    x = heavy((3, 5, 64), seed=bits)
-    check_against_numpy(x, None, None, granularity, symmetric, None, bits)
+def test_no_rotation_bit_exact(bits, symmetric, granularity, backend):
+    """Without a rotation every backend's codes and scales are bit-identical to numpy."""
+    x = heavy((3, 5, 64), seed=bits).to(backend_device(backend))
+    check_against_numpy(x, None, None, granularity, symmetric, None, bits, backend)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_smooth_bit_exact(symmetric):
-    x = heavy((17, 48), seed=3)
-    smooth = torch.rand(48) * 4 + 0.1
-    check_against_numpy(x, None, smooth, "per_token", symmetric)
+def test_smooth_bit_exact(symmetric, backend):
+    device = backend_device(backend)
+    x = heavy((17, 48), seed=3).to(device)
+    smooth = (torch.rand(48) * 4 + 0.1).to(device)
+    check_against_numpy(x, None, smooth, "per_token", symmetric, None, 8, backend)
+    check_against_numpy(x, None, smooth, "per_tensor", True, 0.05, 8, backend)  # static
 
 
 def test_round_half_even_at_exact_ties():
@@ -190,6 +199,20 @@ def test_hadamard_rotation_against_numpy(n, symmetric, granularity):
     x = heavy((2, 3, n), seed=n)
     check_against_numpy(x, "hadamard", None, granularity, symmetric)
     check_against_numpy(x, public_ops.random_hadamard(n, seed=5), None, granularity, symmetric)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+@pytest.mark.parametrize("n", [12, 40, 64, 384, 5120])
+def test_compiled_rotation_against_numpy(backend, n):
+    """Compiled backends against the independent numpy reference too (ties only)."""
+    device = backend_device(backend)
+    if backend == "triton" and device.type == "cpu" and n > 384:
+        pytest.skip("the Triton interpreter runs tiny shapes only")
+    x = heavy((5, n), seed=n).to(device)
+    smooth = (torch.rand(n) + 0.5).to(device)
+    rot = public_ops.random_hadamard(n, seed=6)
+    check_against_numpy(x, rot, smooth, "per_token", True, None, 8, backend)
+    check_against_numpy(x, "hadamard", None, "per_tensor", False, None, 8, backend)
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])

@@ -23,6 +23,10 @@
 
 #include "gemm.h"  // OOD_FAST_X86, OOD_TARGET_AVX512, intrinsics, scalar conversions
 
+// Every helper below is forced inline: the butterflies pass registers as __m512 arrays, which
+// a call would spill to the stack (GCC otherwise declines to inline cross<16> into large callers).
+#define OOD_FWHT_INLINE inline __attribute__((always_inline))
+
 namespace ood_fast {
 namespace fwht {
 
@@ -82,11 +86,22 @@ struct Plan {
   }
 };
 
+// Prefetches the next row's input into L2 while the current row is computed from L1/L2, so that
+// memory traffic overlaps the in-cache passes instead of adding to them (the hardware prefetcher
+// only runs a short way ahead of demand loads, and the later passes make none).
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  inline void step(int lines) {
+    for (int k = 0; k < lines && p < end; ++k, p += 64) __builtin_prefetch(p, 0, 2);
+  }
+};
+
 #ifdef OOD_FAST_X86
 
 // Strides 1, 2, 4, 8 inside one register: v[i] <- v[i ^ s] + (bit s of i ? -v[i] : v[i]), i.e.
 // (a, b) -> (a + b, a - b) for every pair, each as one permute and one FMA by +-1 (exact).
-OOD_TARGET_AVX512 inline __m512 fwht16(__m512 v) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512 fwht16(__m512 v) {
   const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
   const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
   const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
@@ -99,7 +114,7 @@ OOD_TARGET_AVX512 inline __m512 fwht16(__m512 v) {
 
 // Butterflies across R registers (element strides 16 R_k for the vector index strides 1..R/2).
 template <int R>
-OOD_TARGET_AVX512 inline void cross(__m512* v) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void cross(__m512* v) {
 #pragma GCC unroll 16
   for (int h = 1; h < R; h *= 2)
 #pragma GCC unroll 16
@@ -112,15 +127,18 @@ OOD_TARGET_AVX512 inline void cross(__m512* v) {
       }
 }
 
-// Sink that writes the fp32 work buffer (64-byte aligned).
+// Sinks: put(i, v) stores 16 values at element i; observe<R>(v) sees each group of R vectors just
+// stored (the quantizer's statistics sink reduces them as a tree, not as one serial chain).
 struct BufSink {
   float* y;
-  OOD_TARGET_AVX512 inline void put(int64_t i, __m512 v) { _mm512_store_ps(y + i, v); }
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void put(int64_t i, __m512 v) { _mm512_store_ps(y + i, v); }
+  template <int R>
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void observe(const __m512*) {}
 };
 
 // Load pass: src.load(i) gives 16 fp32 values of the (multiplied) input at element i.
 template <int R, class Src, class Snk>
-OOD_TARGET_AVX512 inline void load_pass(const Src& src, Snk& snk, int64_t n) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void load_pass(const Src& src, Snk& snk, int64_t n) {
   for (int64_t i = 0; i < n; i += 16 * R) {
     __m512 v[R];
 #pragma GCC unroll 16
@@ -128,12 +146,13 @@ OOD_TARGET_AVX512 inline void load_pass(const Src& src, Snk& snk, int64_t n) {
     cross<R>(v);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) snk.put(i + 16 * r, v[r]);
+    snk.template observe<R>(v);
   }
 }
 
 // One radix-2^T pass over y (stages with element strides S, 2S, .., 2^(T-1) S; S % 16 == 0).
 template <int T, class Snk>
-OOD_TARGET_AVX512 inline void radix_pass(const float* y, Snk& snk, int64_t n, int64_t S) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void radix_pass(const float* y, Snk& snk, int64_t n, int64_t S, Prefetch& pf) {
   constexpr int R = 1 << T;
   for (int64_t base = 0; base < n; base += R * S)
     for (int64_t j = base; j < base + S; j += 16) {
@@ -143,12 +162,14 @@ OOD_TARGET_AVX512 inline void radix_pass(const float* y, Snk& snk, int64_t n, in
       cross<R>(v);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) snk.put(j + r * S, v[r]);
+      snk.template observe<R>(v);
+      pf.step(R);
     }
 }
 
 // Mix of CB outputs c0..c0+CB-1 at columns j.. j + 16 JV: K loads and K*CB*JV FMAs.
 template <int CB, int JV, class Snk>
-OOD_TARGET_AVX512 inline void mix_block(const float* y, const float* H, int64_t K, int64_t L, int64_t j,
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_block(const float* y, const float* H, int64_t K, int64_t L, int64_t j,
                                         int64_t c0, Snk& snk) {
   __m512 acc[CB][JV];
 #pragma GCC unroll 8
@@ -171,10 +192,11 @@ OOD_TARGET_AVX512 inline void mix_block(const float* y, const float* H, int64_t 
   for (int c = 0; c < CB; ++c)
 #pragma GCC unroll 2
     for (int u = 0; u < JV; ++u) snk.put((c0 + c) * L + j + 16 * u, acc[c][u]);
+  snk.template observe<CB * JV>(&acc[0][0]);
 }
 
 template <int JV, class Snk>
-OOD_TARGET_AVX512 inline void mix_cols(const float* y, const float* H, int64_t K, int64_t L, int64_t j, Snk& snk) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_cols(const float* y, const float* H, int64_t K, int64_t L, int64_t j, Snk& snk) {
   int64_t c0 = 0;
   for (; c0 + 8 <= K; c0 += 8) mix_block<8, JV>(y, H, K, L, j, c0, snk);
   switch (K - c0) {
@@ -190,14 +212,17 @@ OOD_TARGET_AVX512 inline void mix_cols(const float* y, const float* H, int64_t K
 }
 
 template <class Snk>
-OOD_TARGET_AVX512 inline void mix_pass(const float* y, const float* H, int64_t K, int64_t L, Snk& snk) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_pass(const float* y, const float* H, int64_t K, int64_t L, Snk& snk, Prefetch& pf) {
   int64_t j = 0;
-  for (; j + 32 <= L; j += 32) mix_cols<2>(y, H, K, L, j, snk);
+  for (; j + 32 <= L; j += 32) {
+    mix_cols<2>(y, H, K, L, j, snk);
+    pf.step(static_cast<int>(2 * K));
+  }
   if (j < L) mix_cols<1>(y, H, K, L, j, snk);
 }
 
 template <class Src, class Snk>
-OOD_TARGET_AVX512 inline void dispatch_load(const Plan& pl, const Src& src, Snk& snk) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void dispatch_load(const Plan& pl, const Src& src, Snk& snk) {
   switch (pl.first_log) {
     case 4: load_pass<1>(src, snk, pl.n); break;
     case 5: load_pass<2>(src, snk, pl.n); break;
@@ -208,20 +233,22 @@ OOD_TARGET_AVX512 inline void dispatch_load(const Plan& pl, const Src& src, Snk&
 }
 
 template <class Snk>
-OOD_TARGET_AVX512 inline void dispatch_radix(int t, const float* y, Snk& snk, int64_t n, int64_t S) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void dispatch_radix(int t, const float* y, Snk& snk, int64_t n, int64_t S, Prefetch& pf) {
   switch (t) {
-    case 1: radix_pass<1>(y, snk, n, S); break;
-    case 2: radix_pass<2>(y, snk, n, S); break;
-    case 3: radix_pass<3>(y, snk, n, S); break;
-    default: radix_pass<4>(y, snk, n, S); break;
+    case 1: radix_pass<1>(y, snk, n, S, pf); break;
+    case 2: radix_pass<2>(y, snk, n, S, pf); break;
+    case 3: radix_pass<3>(y, snk, n, S, pf); break;
+    default: radix_pass<4>(y, snk, n, S, pf); break;
   }
 }
 
 // The whole transform of one row (pl.L >= 16): src -> ... -> snk. y: fp32 work buffer of n
 // floats (64-byte aligned); H: fp32 [K, K] (unused when K == 1). The sink may write into y only
-// when K == 1 (the mix reads all of y).
+// when K == 1 (the mix reads all of y). pf: the next row's input, prefetched during the passes
+// after the load pass (the rest is left in pf for the caller's own pass).
 template <class Src, class Snk>
-OOD_TARGET_AVX512 inline void avx512_transform(const Plan& pl, const Src& src, float* y, const float* H, Snk& snk) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void avx512_transform(const Plan& pl, const Src& src, float* y, const float* H, Snk& snk,
+                                               Prefetch& pf) {
   BufSink buf{y};
   if (pl.K == 1 && pl.npass == 0) {
     dispatch_load(pl, src, snk);
@@ -230,11 +257,11 @@ OOD_TARGET_AVX512 inline void avx512_transform(const Plan& pl, const Src& src, f
   dispatch_load(pl, src, buf);
   for (int k = 0; k < pl.npass; ++k) {
     if (pl.K == 1 && k == pl.npass - 1)
-      dispatch_radix(pl.pass_t[k], y, snk, pl.n, pl.pass_s[k]);
+      dispatch_radix(pl.pass_t[k], y, snk, pl.n, pl.pass_s[k], pf);
     else
-      dispatch_radix(pl.pass_t[k], y, buf, pl.n, pl.pass_s[k]);
+      dispatch_radix(pl.pass_t[k], y, buf, pl.n, pl.pass_s[k], pf);
   }
-  if (pl.K > 1) mix_pass(y, H, pl.K, pl.L, snk);
+  if (pl.K > 1) mix_pass(y, H, pl.K, pl.L, snk, pf);
 }
 
 #endif  // OOD_FAST_X86

@@ -108,6 +108,21 @@ bool use_avx512() {
   return has;
 }
 
+// Non-temporal stores for outputs of at least 8 MiB (they would not stay in cache for a consumer
+// anyway, and skip the read-for-ownership of each written line); OOD_FAST_HADAMARD_STREAM=0 / 1
+// forces them off / on (for measurements).
+bool want_stream(int64_t out_bytes) {
+  if (const char* env = std::getenv("OOD_FAST_HADAMARD_STREAM")) return env[0] == '1';
+  return out_bytes >= (int64_t(8) << 20);
+}
+
+// Orders this thread's non-temporal stores before the parallel region's join.
+inline void store_fence() {
+#ifdef OOD_FAST_X86
+  _mm_sfence();
+#endif
+}
+
 int pick_threads(int num_threads, int64_t rows, int64_t n) {
   // ~64K elements per thread at least: below that the fork/join costs more than it saves.
   const int64_t by_work = std::max<int64_t>(1, rows * n / 65536);
@@ -213,14 +228,14 @@ void generic_prepare(const void* xrow, int dt, const float* smooth, int64_t n, f
 #ifdef OOD_FAST_X86
 
 template <int DT>
-OOD_TARGET_AVX512 inline __m512 load16(const void* p, int64_t i) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512 load16(const void* p, int64_t i) {
   if (DT == kF32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
   if (DT == kF16) return _mm512_cvtph_ps(h);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-OOD_TARGET_AVX512 inline __m512 load16_masked(const void* p, int dt, int64_t i, __mmask16 k) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512 load16_masked(const void* p, int dt, int64_t i, __mmask16 k) {
   if (dt == kF32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
   const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
   if (dt == kF16) return _mm512_cvtph_ps(h);
@@ -232,39 +247,57 @@ template <int DT>
 struct SrcMul {
   const void* x;
   const float* m;
-  OOD_TARGET_AVX512 inline __m512 load(int64_t i) const {
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512 load(int64_t i) const {
     return _mm512_mul_ps(load16<DT>(x, i), _mm512_load_ps(m + i));
   }
 };
 
-// Output row in the input's dtype (bf16: round to nearest even, bit-exact with torch).
-template <int DT>
+// Output row in the input's dtype (bf16: round to nearest even, bit-exact with torch). STREAM:
+// non-temporal stores (the row is 64-byte aligned; fp32 only, where each store is a whole line).
+template <int DT, bool STREAM>
 struct OutSink {
   void* out;
-  OOD_TARGET_AVX512 inline void put(int64_t i, __m512 v) {
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void put(int64_t i, __m512 v) {
     if (DT == kF32) {
-      _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+      if (STREAM)
+        _mm512_stream_ps(static_cast<float*>(out) + i, v);
+      else
+        _mm512_storeu_ps(static_cast<float*>(out) + i, v);
     } else {
       const __m256i h = DT == kF16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
                                    : gemm::f32_to_bf16_avx512(v);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), h);
     }
   }
+  template <int R>
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void observe(const __m512*) {}
 };
 
-// Transformed row into z (fp32, aligned) with its extremes (max |y|; min and max for asymmetric).
+// Transformed row into z (fp32, aligned) with its extremes (max |y|; min and max for asymmetric),
+// each group of stored vectors reduced as a tree (a serial max chain would bound the pass by
+// its 4-cycle latency).
 template <bool ASYM>
 struct StatSink {
   float* z;
   __m512 mx, mn;
-  OOD_TARGET_AVX512 inline void put(int64_t i, __m512 v) {
-    _mm512_store_ps(z + i, v);
-    if (ASYM) {
-      mx = _mm512_max_ps(mx, v);
-      mn = _mm512_min_ps(mn, v);
-    } else {
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void put(int64_t i, __m512 v) { _mm512_store_ps(z + i, v); }
+  template <int R>
+  OOD_TARGET_AVX512 OOD_FWHT_INLINE void observe(const __m512* v) {
+    __m512 a[R], b[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      a[r] = ASYM ? v[r] : _mm512_abs_ps(v[r]);
+      b[r] = v[r];
     }
+#pragma GCC unroll 16
+    for (int h = 1; h < R; h *= 2)
+#pragma GCC unroll 16
+      for (int r = 0; r + h < R; r += 2 * h) {
+        a[r] = _mm512_max_ps(a[r], a[r + h]);
+        if (ASYM) b[r] = _mm512_min_ps(b[r], b[r + h]);
+      }
+    mx = _mm512_max_ps(mx, a[0]);
+    if (ASYM) mn = _mm512_min_ps(mn, b[0]);
   }
 };
 
@@ -290,9 +323,9 @@ struct QVec {
   }
 };
 
-// 16 codes of the fp32 lanes v.
+// The rounded, clamped quotients of the fp32 lanes v, as int32 lanes.
 template <bool ASYM>
-OOD_TARGET_AVX512 inline __m128i quant16(__m512 v, const QVec& c) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant_i32(__m512 v, const QVec& c) {
   __m512 q;
   if (c.recip_ok) {
     q = _mm512_mul_ps(v, c.vr);
@@ -305,38 +338,60 @@ OOD_TARGET_AVX512 inline __m128i quant16(__m512 v, const QVec& c) {
   if (ASYM) q = _mm512_add_ps(_mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c.vz);
   // Clamping before the (round-half-even) conversion gives clamp(rint(q)): the bounds are integers.
   q = _mm512_min_ps(_mm512_max_ps(q, c.vlo), c.vhi);
-  return _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
+// 64 codes of z[0..64) as one 64-byte vector: two dword->word packs and one word->byte pack
+// (in-range values: the saturation never acts) leave the bytes 4x4-dword transposed per lane;
+// one vpermd restores the order. Half the shuffle uops of four vpmovdb, one store instead of four.
 template <bool ASYM>
-OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& c, int8_t* codes) {
+OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant64(const float* z, const QVec& c) {
+  const __m512i a = quant_i32<ASYM>(_mm512_loadu_ps(z), c), b = quant_i32<ASYM>(_mm512_loadu_ps(z + 16), c);
+  const __m512i d = quant_i32<ASYM>(_mm512_loadu_ps(z + 32), c), e = quant_i32<ASYM>(_mm512_loadu_ps(z + 48), c);
+  const __m512i ab = _mm512_packs_epi32(a, b), de = _mm512_packs_epi32(d, e);
+  const __m512i bytes = ASYM ? _mm512_packus_epi16(ab, de) : _mm512_packs_epi16(ab, de);
+  const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_epi32(idx, bytes);
+}
+
+template <bool ASYM, bool STREAM>
+OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& c, int8_t* codes, fwht::Prefetch& pf) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), quant16<ASYM>(_mm512_loadu_ps(z + i), c));
-  if (i < n) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1u);
-    _mm_mask_storeu_epi8(codes + i, k, quant16<ASYM>(_mm512_maskz_loadu_ps(k, z + i), c));
+  for (; i + 64 <= n; i += 64) {
+    const __m512i v = quant64<ASYM>(z + i, c);
+    if (STREAM)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), v);
+    else
+      _mm512_storeu_si512(codes + i, v);
+    pf.step(4);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    _mm_mask_storeu_epi8(codes + i, k, _mm512_cvtepi32_epi8(quant_i32<ASYM>(_mm512_maskz_loadu_ps(k, z + i), c)));
   }
 }
 
-OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams& q, void* codes) {
+// codes: n int8/uint8; stream: non-temporal stores (codes 64-byte aligned, n % 64 == 0).
+OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams& q, void* codes, bool stream,
+                                       fwht::Prefetch& pf) {
   if (q.scale == 0.0f) {
     std::memset(codes, 0, static_cast<size_t>(n));
     return;
   }
   const QVec c(q);
+  int8_t* cp = static_cast<int8_t*>(codes);
   if (q.asym)
-    avx512_quantize_t<true>(z, n, c, static_cast<int8_t*>(codes));
+    stream ? avx512_quantize_t<true, true>(z, n, c, cp, pf) : avx512_quantize_t<true, false>(z, n, c, cp, pf);
   else
-    avx512_quantize_t<false>(z, n, c, static_cast<int8_t*>(codes));
+    stream ? avx512_quantize_t<false, true>(z, n, c, cp, pf) : avx512_quantize_t<false, false>(z, n, c, cp, pf);
 }
 
 // Transformed row into z (z == y allowed when K == 1) and its extremes, merged into st.
 template <int DT, bool ASYM>
 OOD_TARGET_AVX512 void avx512_transform_stats(const Plan& pl, const void* xrow, const float* m, const float* H,
-                                              float* y, float* z, Stats& st) {
+                                              float* y, float* z, Stats& st, fwht::Prefetch& pf) {
   StatSink<ASYM> snk{z, _mm512_setzero_ps(), _mm512_setzero_ps()};
-  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk);
+  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk, pf);
   if (ASYM) {
     st.hi = std::max(st.hi, _mm512_reduce_max_ps(snk.mx));
     st.lo = std::min(st.lo, _mm512_reduce_min_ps(snk.mn));
@@ -364,11 +419,11 @@ OOD_TARGET_AVX512 void avx512_prepare_stats(const void* xrow, int dt, const floa
   st.lo = std::min(st.lo, _mm512_reduce_min_ps(mn));
 }
 
-template <int DT>
+template <int DT, bool STREAM = false>
 OOD_TARGET_AVX512 void avx512_hadamard_row(const Plan& pl, const void* xrow, const float* m, const float* H,
-                                           float* y, void* orow) {
-  OutSink<DT> snk{orow};
-  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk);
+                                           float* y, void* orow, fwht::Prefetch& pf) {
+  OutSink<DT, STREAM> snk{orow};
+  fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk, pf);
 }
 
 #endif  // OOD_FAST_X86
@@ -424,6 +479,7 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
     ys[t].resize(nbuf);
     if (K > 1 && !vec) zs[t].resize(nbuf);
   }
+  const bool stream = want_stream(rows * n * 4) && dt == kF32 && out_ptr % 64 == 0 && (n * 4) % 64 == 0;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -435,10 +491,18 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
       void* orow = out + static_cast<size_t>(r) * n * es;
 #ifdef OOD_FAST_X86
       if (vec) {
+        const size_t rb = static_cast<size_t>(n) * es;
+        fwht::Prefetch pf;
+        if (r + 1 < r1) pf = fwht::Prefetch{static_cast<const char*>(xr) + rb, static_cast<const char*>(xr) + 2 * rb};
         switch (dt) {
-          case kF32: avx512_hadamard_row<kF32>(pl, xr, m.data(), hk, y, orow); break;
-          case kF16: avx512_hadamard_row<kF16>(pl, xr, m.data(), hk, y, orow); break;
-          default: avx512_hadamard_row<kBF16>(pl, xr, m.data(), hk, y, orow); break;
+          case kF32:
+            if (stream)
+              avx512_hadamard_row<kF32, true>(pl, xr, m.data(), hk, y, orow, pf);
+            else
+              avx512_hadamard_row<kF32>(pl, xr, m.data(), hk, y, orow, pf);
+            break;
+          case kF16: avx512_hadamard_row<kF16>(pl, xr, m.data(), hk, y, orow, pf); break;
+          default: avx512_hadamard_row<kBF16>(pl, xr, m.data(), hk, y, orow, pf); break;
         }
         continue;
       }
@@ -447,6 +511,7 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
       generic_transform(pl, xr, dt, m.data(), hk, y, z);
       for (int64_t i = 0; i < n; ++i) store_elem(orow, dt, i, z[i]);
     }
+    if (stream) store_fence();
   }
 }
 
@@ -458,7 +523,7 @@ struct RQ {
   Plan pl;
   int dt = kF32;
   int64_t n = 0;
-  bool rotate = true, asym = false, vec = false;
+  bool rotate = true, asym = false, vec = false, stream = false;
   const char* x = nullptr;
   const float* m = nullptr;       // multiplier (rotate)
   const float* smooth = nullptr;  // K = 0 only
@@ -466,7 +531,7 @@ struct RQ {
 
   // Row r transformed into z (y: work buffer; z may be y on the AVX-512 path when K == 1), its
   // extremes merged into st. Returns z.
-  const float* row(int64_t r, float* y, float* z, Stats& st) const {
+  const float* row(int64_t r, float* y, float* z, Stats& st, fwht::Prefetch* pf) const {
     const void* xr = x + static_cast<size_t>(r) * n * dtype_size(dt);
 #ifdef OOD_FAST_X86
     if (vec) {
@@ -476,15 +541,15 @@ struct RQ {
       }
       if (asym) {
         switch (dt) {
-          case kF32: avx512_transform_stats<kF32, true>(pl, xr, m, hk, y, z, st); break;
-          case kF16: avx512_transform_stats<kF16, true>(pl, xr, m, hk, y, z, st); break;
-          default: avx512_transform_stats<kBF16, true>(pl, xr, m, hk, y, z, st); break;
+          case kF32: avx512_transform_stats<kF32, true>(pl, xr, m, hk, y, z, st, *pf); break;
+          case kF16: avx512_transform_stats<kF16, true>(pl, xr, m, hk, y, z, st, *pf); break;
+          default: avx512_transform_stats<kBF16, true>(pl, xr, m, hk, y, z, st, *pf); break;
         }
       } else {
         switch (dt) {
-          case kF32: avx512_transform_stats<kF32, false>(pl, xr, m, hk, y, z, st); break;
-          case kF16: avx512_transform_stats<kF16, false>(pl, xr, m, hk, y, z, st); break;
-          default: avx512_transform_stats<kBF16, false>(pl, xr, m, hk, y, z, st); break;
+          case kF32: avx512_transform_stats<kF32, false>(pl, xr, m, hk, y, z, st, *pf); break;
+          case kF16: avx512_transform_stats<kF16, false>(pl, xr, m, hk, y, z, st, *pf); break;
+          default: avx512_transform_stats<kBF16, false>(pl, xr, m, hk, y, z, st, *pf); break;
         }
       }
       return z;
@@ -498,9 +563,17 @@ struct RQ {
     return z;
   }
 
-  void quantize(const float* zr, const QParams& q, void* codes) const {
+  // The next row's input (r + 1 < r1), for prefetching.
+  fwht::Prefetch next(int64_t r, int64_t r1) const {
+    if (r + 1 >= r1) return {};
+    const size_t rb = static_cast<size_t>(n) * dtype_size(dt);
+    const char* p = x + static_cast<size_t>(r + 1) * rb;
+    return fwht::Prefetch{p, p + rb};
+  }
+
+  void quantize(const float* zr, const QParams& q, void* codes, fwht::Prefetch* pf) const {
 #ifdef OOD_FAST_X86
-    if (vec) return avx512_quantize(zr, n, q, codes);
+    if (vec) return avx512_quantize(zr, n, q, codes, stream, *pf);
 #endif
     generic_quantize(zr, n, q, codes);
   }
@@ -554,6 +627,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   const bool z_is_y = rq.vec && rq.rotate && K == 1;
   const size_t nbuf = static_cast<size_t>((n + 15) / 16 * 16);
   const int nt = pick_threads(num_threads, std::max<int64_t>(rows, 1), n);
+  rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
 
   if (per_token || is_static) {
     std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
@@ -570,14 +644,16 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
       float* z = z_is_y ? y : zs[t].data();
       for (int64_t r = r0; r < r1; ++r) {
         Stats st;
-        const float* zr = rq.row(r, y, z, st);
+        fwht::Prefetch pf = rq.next(r, r1);
+        const float* zr = rq.row(r, y, z, st, &pf);
         const QParams q = make_params(st, symmetric, sstat, bits);
-        rq.quantize(zr, q, codes + r * n);
+        rq.quantize(zr, q, codes + r * n, &pf);
         if (per_token) {
           scales[r] = q.scale;
           if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
         }
       }
+      if (rq.stream) store_fence();
     }
     return;
   }
@@ -601,7 +677,8 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
     std::vector<const float*> where;
     for (int64_t r = r0; r < r1; ++r) {
       float* z = keep ? zs[t].data() + (r - r0) * nbuf : (z_is_y ? y : zs[t].data());
-      const float* zr = rq.row(r, y, z, st);
+      fwht::Prefetch pf = rq.next(r, r1);
+      const float* zr = rq.row(r, y, z, st, &pf);
       if (keep) where.push_back(zr);
     }
     part[t] = st;
@@ -616,14 +693,16 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
     }  // implicit barrier: every thread sees q
     for (int64_t r = r0; r < r1; ++r) {
       const float* zr;
+      fwht::Prefetch pf = keep ? fwht::Prefetch{} : rq.next(r, r1);
       if (keep) {
         zr = where[r - r0];
       } else {  // second read of the input: the rows did not fit
         Stats unused;
-        zr = rq.row(r, y, z_is_y ? y : zs[t].data(), unused);
+        zr = rq.row(r, y, z_is_y ? y : zs[t].data(), unused, &pf);
       }
-      rq.quantize(zr, q, codes + r * n);
+      rq.quantize(zr, q, codes + r * n, &pf);
     }
+    if (rq.stream) store_fence();
   }
 }
 
