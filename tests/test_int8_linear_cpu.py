@@ -114,8 +114,13 @@ def test_odd_shapes(isa, u8):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
 def test_larger_shapes_and_threads(isa, bf16):
-    """Many k-blocks, several weight chunks / row-block groups, thread counts 1..5 agree bitwise."""
-    for M, K, N in [(70, 4096, 100), (200, 300, 32), (33, 1000, 700)]:
+    """Many k-blocks, several weight chunks / row-block groups, thread counts 1..5 agree bitwise.
+
+    The kernel uses one thread per ~2^26 multiply-adds, so only the last two shapes run on
+    several threads (the last one splits its weight chunks over jobs, the one before its rows).
+    """
+    for M, K, N in [(70, 4096, 100), (200, 300, 32), (33, 1000, 700), (2000, 600, 130),
+                    (300, 1100, 1000)]:  # fmt: skip
         for u8 in (False, True):
             qw, qx, sx, zx, sw, b = problem(M, K, N, u8, seed=M + K + N)
             w = _C.Int8Weight(qw.ctypes.data, N, K, isa)

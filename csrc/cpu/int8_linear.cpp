@@ -8,12 +8,12 @@
 // Int8Weight packs qw once (int8_gemm.h layout, 32-channel panels, K padded with zeros to a
 // multiple of 64) together with colsum[n] = sum_k qw[n, k], which turns a zero point into an
 // epilogue term: sum_k (x - z) w = sum_k x w - z * colsum. forward():
-//   1. packs qx into 32-row blocks (in parallel; for the VNNI kernel int8 activations get their
-//      sign bit flipped, x + 128 as uint8, and the epilogue subtracts 128 * colsum);
-//   2. splits the output into jobs of (a chunk of weight panels, ~1 MiB so it stays in L2) x
-//      (a range of row blocks); each job walks its row blocks, and for each block every panel
-//      of its chunk: one micro-kernel call over the whole K (32 x 32 int32 in registers / tiles),
-//      then the epilogue straight from that 4 KiB block to the output.
+// splits the output into jobs of (a group of 32-row blocks, ~1 MiB of packed rows) x (a range
+// of weight chunks, ~256 KiB each), scheduled dynamically over the threads with no barrier. A job
+// packs its rows (for the VNNI kernel int8 activations get their sign bit flipped, x + 128 as
+// uint8, and the epilogue subtracts 128 * colsum), then for each chunk and each row block runs
+// k-ranges of 512 over the chunk's panels (32 x 32 int32 sums per micro-kernel call, AMX tiles
+// or zmm registers, accumulated in a per-thread buffer) and the epilogue of the block.
 // The kernel is AMX-INT8 where the CPU and Linux allow it, else AVX512-VNNI, else portable;
 // isa= (or the environment variable OOD_FAST_INT8_ISA when isa is "auto") forces one.
 #include <pybind11/pybind11.h>
@@ -53,10 +53,12 @@ struct AlignedBytes {
   uint8_t* get() const { return p.get(); }
 };
 
-// Blocking, tuned on this machine (2 MiB L2, 48 KiB L1 per core) at M = 2048, K = N = 4096:
-// a chunk of weight panels of ~1 MiB stays in L2 while every row block passes (0.5 and 1.5 MiB
-// were slower), and k-ranges of 8 k-blocks (512 k; a 16 KiB A slice in L1) beat 256 and 768.
-constexpr int64_t kChunkBytes = int64_t(1) << 20;
+// Blocking, tuned on this machine (2 MiB L2, 48 KiB L1 per core) at M = 2048, K = N = 4096,
+// one thread: a job's packed rows (~1 MiB) stay in L2 while its weight chunks (~256 KiB each)
+// pass them (groups of 0.5 / 1.5 MiB and chunks of 128 / 512 KiB / 1 MiB were slower), and
+// k-ranges of 8 k-blocks (512 k; a 16 KiB A slice in L1) beat 256 and 768.
+constexpr int64_t kGroupBytes = int64_t(1) << 20;
+constexpr int64_t kChunkBytes = int64_t(1) << 18;
 constexpr int64_t kKcBlocks = 8;
 
 bool isa_available(Isa isa) {
@@ -134,119 +136,118 @@ class Int8Weight {
 
     const int64_t nkb = Kp_ / i8::KB, nmb = (M + i8::MB - 1) / i8::MB;
     const bool flip = isa_ == Isa::Vnni && !qx_is_u8;  // vpdpbusd wants unsigned activations
-    // The packed activations live in a buffer kept per calling thread and only ever grown: a
-    // fresh multi-MiB allocation per call would page-fault on every first touch.
-    static thread_local std::unique_ptr<AlignedBytes> abuf;
-    static thread_local size_t abuf_size = 0;
-    const size_t a_bytes = static_cast<size_t>(nmb * nkb * i8::A_KBLOCK);
-    if (abuf_size < a_bytes) {
-      abuf.reset();
-      abuf = std::make_unique<AlignedBytes>(a_bytes);
-      abuf_size = a_bytes;
-    }
-    uint8_t* A = abuf->get();
 
     i8::MicroKernel ukr = qx_is_u8 ? &i8::ukr_generic<true> : &i8::ukr_generic<false>;
 #ifdef OOD_FAST_X86
     if (isa_ == Isa::Amx) ukr = qx_is_u8 ? &i8::ukr_amx<true> : &i8::ukr_amx<false>;
     if (isa_ == Isa::Vnni) ukr = &i8::ukr_vnni;
     const bool avx512 = isa_ != Isa::Generic;
+    const bool amx = isa_ == Isa::Amx;
 #endif
 
-    // Jobs: chunks of pc panels (pc * Kp * 32 bytes ~ chunk_bytes, reused from L2 by every row
-    // block) x gm groups of row blocks (more than one only when there are fewer chunks than
-    // threads). Within a job, per row block: k-ranges of kcb k-blocks (the A slice, 32 x 64 kcb
-    // bytes, stays in L1 while every panel of the chunk passes), the 32 x 32 int32 sums of the
-    // chunk's panels accumulating in a per-thread buffer; then the epilogue of each panel.
+    // Work split (no barrier anywhere: on a shared machine a thread waiting for a descheduled
+    // one loses whole time slices). A job = (a group of gb row blocks, ~1 MiB packed, a range of
+    // weight chunks): it packs its own rows, then for each chunk of pc panels (pc * Kp * 32
+    // bytes ~ 256 KiB) and each block of the group, k-ranges of
+    // kcb k-blocks (a 16 KiB A slice in L1 while the chunk's panels pass, the 32 x 32 int32
+    // sums accumulating in a per-thread buffer), then the epilogue of the block's panels. The
+    // weight chunks are split over jobs only when there are few row groups (small M: the
+    // repeated packing of those rows is cheap next to the GEMM).
     const int64_t nt_req = std::max(1, num_threads);
-    int64_t pc = std::max<int64_t>(1, kChunkBytes / (Kp_ * i8::NB));
-    pc = std::min(pc, npanels_);
-    int64_t nchunks = (npanels_ + pc - 1) / pc;
-    if (nchunks < nt_req) {
-      pc = (npanels_ + nt_req - 1) / nt_req;
-      nchunks = (npanels_ + pc - 1) / pc;
-    }
-    const int64_t gm = nchunks < nt_req ? std::min(nmb, (nt_req + nchunks - 1) / nchunks) : 1;
-    const int64_t mb_per_group = (nmb + gm - 1) / gm;
-    const int64_t njobs = nchunks * gm;
-    const int nt = static_cast<int>(std::min<int64_t>(nt_req, std::max(njobs, nmb)));
+    // Threads the work justifies: ~2^26 multiply-adds (tens of microseconds) each at least.
+    const double macs = static_cast<double>(M) * static_cast<double>(N_) * static_cast<double>(Kp_);
+    const int64_t nt_work = std::max<int64_t>(1, static_cast<int64_t>(macs / double(int64_t(1) << 26)));
+    const int64_t ntw = std::min(nt_req, nt_work);
+    const int64_t pc = std::min(npanels_, std::max<int64_t>(1, kChunkBytes / (Kp_ * i8::NB)));
+    const int64_t nchunks = (npanels_ + pc - 1) / pc;
+    int64_t gb = std::max<int64_t>(1, kGroupBytes / (nkb * i8::A_KBLOCK));
+    gb = std::min(gb, (nmb + ntw - 1) / ntw);
+    const int64_t ngroups = (nmb + gb - 1) / gb;
+    // At least ~4 jobs per thread where the weights allow it, so that a thread running late
+    // leaves its share to the others.
+    const int64_t nranges = ngroups >= 4 * ntw ? 1 : std::min(nchunks, (4 * ntw + ngroups - 1) / ngroups);
+    const int64_t chunks_per_range = (nchunks + nranges - 1) / nranges;
+    const int64_t njobs = ngroups * nranges;
+    const int nt = static_cast<int>(std::min(ntw, njobs));
     const int64_t kcb = std::min<int64_t>(nkb, kKcBlocks);
 
-    std::vector<AlignedBytes> cbufs;
-    cbufs.reserve(nt);
-    for (int t = 0; t < nt; ++t) cbufs.emplace_back(static_cast<size_t>(pc * i8::MB * i8::NB * 4));
+    // Per-thread packed rows and int32 sums, kept per calling thread and only ever grown: fresh
+    // MiB-sized allocations would page-fault on every first touch, every call.
+    struct Work {
+      std::unique_ptr<AlignedBytes> a, c;
+      size_t a_size = 0, c_size = 0;
+    };
+    static thread_local std::vector<Work> works;
+    if (works.size() < static_cast<size_t>(nt)) works.resize(nt);
+    const size_t a_bytes = static_cast<size_t>(gb * nkb * i8::A_KBLOCK), c_bytes = static_cast<size_t>(pc * 4096);
+    for (int t = 0; t < nt; ++t) {
+      Work& w = works[t];
+      if (w.a_size < a_bytes) w.a.reset(), w.a = std::make_unique<AlignedBytes>(a_bytes), w.a_size = a_bytes;
+      if (w.c_size < c_bytes) w.c.reset(), w.c = std::make_unique<AlignedBytes>(c_bytes), w.c_size = c_bytes;
+    }
+    Work* work = works.data();
 
     const int8_t* B = reinterpret_cast<const int8_t*>(B_->get());
     const int64_t N = N_, K = K_, Kp = Kp_, npanels = npanels_;
     const int32_t* colsum = colsum_.data();
-#ifdef OOD_FAST_X86
-    const bool amx = isa_ == Isa::Amx;
-#endif
 
 #pragma omp parallel num_threads(nt)
     {
-#pragma omp for schedule(dynamic, 4)
-      for (int64_t b = 0; b < nmb; ++b) {
-        const int64_t rows = std::min(i8::MB, M - b * i8::MB);
-        i8::pack_a_block(qx + b * i8::MB * K, K, rows, K, flip, A + b * nkb * i8::A_KBLOCK);
-      }
-      // (implicit barrier: every block is packed before any is used)
 #ifdef _OPENMP
-      int32_t* Cb = reinterpret_cast<int32_t*>(cbufs[omp_get_thread_num()].get());
+      const int tid = omp_get_thread_num();
 #else
-      int32_t* Cb = reinterpret_cast<int32_t*>(cbufs[0].get());
+      const int tid = 0;
 #endif
+      uint8_t* A = work[tid].a->get();
+      int32_t* Cb = reinterpret_cast<int32_t*>(work[tid].c->get());
 #ifdef OOD_FAST_X86
       if (amx) gemm::amx_configure();
 #endif
-      // Dynamic: on a shared machine a descheduled thread must not hold a fixed half of the work.
-      // (Each output element is computed by one job in a fixed order: results never depend on it.)
-#pragma omp for schedule(dynamic, 1)
+      // Dynamic: a descheduled thread must not hold a fixed share of the work. (Each output
+      // element is computed by one job in a fixed order: results never depend on the split.)
+#pragma omp for schedule(dynamic, 1) nowait
       for (int64_t job = 0; job < njobs; ++job) {
-        const int64_t chunk = job / gm, g = job % gm;
-        const int64_t p0 = chunk * pc, p1 = std::min(npanels, p0 + pc);
-        const int64_t b0 = g * mb_per_group, b1 = std::min(nmb, b0 + mb_per_group);
+        const int64_t g = job / nranges, r = job % nranges;
+        const int64_t b0 = g * gb, b1 = std::min(nmb, b0 + gb);
         for (int64_t b = b0; b < b1; ++b) {
-          const int64_t m0 = b * i8::MB;
-          const int rows = static_cast<int>(std::min(i8::MB, M - m0));
-          const uint8_t* Ab = A + b * nkb * i8::A_KBLOCK;
-          for (int64_t k0 = 0; k0 < nkb; k0 += kcb) {
-            const int64_t kn = std::min(kcb, nkb - k0);
-            // The next A slice (this block's next k-range, or the next block's first: blocks are
-            // contiguous) comes from L3 once per chunk: fetch it into L2 a share per panel call,
-            // while the current slice is reused from L1.
-            const char* pf = reinterpret_cast<const char*>(Ab + (k0 + kn) * i8::A_KBLOCK);
-            const int64_t next_kn = k0 + kn < nkb ? std::min(kcb, nkb - k0 - kn) : b + 1 < nmb ? kcb : 0;
-            const int64_t pf_lines = next_kn * i8::A_KBLOCK / 64;
-            const int64_t per_call = (pf_lines + (p1 - p0) - 1) / (p1 - p0);
-            for (int64_t p = p0; p < p1; ++p) {
-              for (int64_t l = (p - p0) * per_call, e = std::min(pf_lines, l + per_call); l < e; ++l)
-                __builtin_prefetch(pf + l * 64, 0, 2);
-              ukr(kn, Ab + k0 * i8::A_KBLOCK, B + p * Kp * i8::NB + k0 * i8::B_KBLOCK,
-                  Cb + (p - p0) * i8::MB * i8::NB, rows, k0 > 0);
+          const int64_t rows = std::min(i8::MB, M - b * i8::MB);
+          i8::pack_a_block(qx + b * i8::MB * K, K, rows, K, flip, A + (b - b0) * nkb * i8::A_KBLOCK);
+        }
+        const int64_t c0 = r * chunks_per_range, c1 = std::min(nchunks, c0 + chunks_per_range);
+        for (int64_t chunk = c0; chunk < c1; ++chunk) {
+          const int64_t p0 = chunk * pc, p1 = std::min(npanels, p0 + pc);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t m0 = b * i8::MB;
+            const int rows = static_cast<int>(std::min(i8::MB, M - m0));
+            const uint8_t* Ab = A + (b - b0) * nkb * i8::A_KBLOCK;
+            for (int64_t k0 = 0; k0 < nkb; k0 += kcb) {
+              const int64_t kn = std::min(kcb, nkb - k0);
+              for (int64_t p = p0; p < p1; ++p)
+                ukr(kn, Ab + k0 * i8::A_KBLOCK, B + p * Kp * i8::NB + k0 * i8::B_KBLOCK,
+                    Cb + (p - p0) * i8::MB * i8::NB, rows, k0 > 0);
             }
-          }
-          for (int64_t p = p0; p < p1; ++p) {
-            const int64_t n0 = p * i8::NB;
-            const int cols = static_cast<int>(std::min(i8::NB, N - n0));
-            const int32_t* C = Cb + (p - p0) * i8::MB * i8::NB;
-            i8::Epilogue e;
-            e.sx = sx + m0;
-            e.z = zx ? zx + m0 : nullptr;
-            e.zconst = flip ? 128 : 0;
-            e.colsum = colsum + n0;
-            e.sw = sw + n0;
-            e.bias = bias ? bias + n0 : nullptr;
-            e.ldo = N;
-            e.bf16 = out_is_bf16;
-            e.out = out_is_bf16 ? static_cast<void*>(reinterpret_cast<uint16_t*>(out_ptr) + m0 * N + n0)
-                                : static_cast<void*>(reinterpret_cast<float*>(out_ptr) + m0 * N + n0);
+            for (int64_t p = p0; p < p1; ++p) {
+              const int64_t n0 = p * i8::NB;
+              const int cols = static_cast<int>(std::min(i8::NB, N - n0));
+              const int32_t* C = Cb + (p - p0) * i8::MB * i8::NB;
+              i8::Epilogue e;
+              e.sx = sx + m0;
+              e.z = zx ? zx + m0 : nullptr;
+              e.zconst = flip ? 128 : 0;
+              e.colsum = colsum + n0;
+              e.sw = sw + n0;
+              e.bias = bias ? bias + n0 : nullptr;
+              e.ldo = N;
+              e.bf16 = out_is_bf16;
+              e.out = out_is_bf16 ? static_cast<void*>(reinterpret_cast<uint16_t*>(out_ptr) + m0 * N + n0)
+                                  : static_cast<void*>(reinterpret_cast<float*>(out_ptr) + m0 * N + n0);
 #ifdef OOD_FAST_X86
-            if (avx512) i8::epilogue_avx512(e, C, rows, cols);
-            else i8::epilogue_generic(e, C, rows, cols);
+              if (avx512) i8::epilogue_avx512(e, C, rows, cols);
+              else i8::epilogue_generic(e, C, rows, cols);
 #else
-            i8::epilogue_generic(e, C, rows, cols);
+              i8::epilogue_generic(e, C, rows, cols);
 #endif
+            }
           }
         }
       }
