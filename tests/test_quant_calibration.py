@@ -255,3 +255,30 @@ def test_calibration_on_cuda():
     R = klt_rotation(acc.covariance)
     assert R.device.type == "cuda"
     np.testing.assert_allclose((R @ R.T).cpu().numpy(), np.eye(16), atol=1e-12)
+
+
+def test_percentile_reservoir_matches_sequential_algorithm_r():
+    """The vectorised reservoir equals algorithm R run row by row on the same random draws."""
+    cap, seed = 50, 3
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(s, 2, generator=g) for s in (30, 45, 200, 7, 120)]
+    obs = PercentileObserver(0.5, max_rows=cap, seed=seed)
+    for b in batches:
+        obs.update(b)
+    # row-by-row algorithm R, drawing the same uniforms batch by batch
+    rng = torch.Generator().manual_seed(seed)
+    kept, seen = [], 0
+    for b in batches:
+        rows = list(b.abs())
+        room = max(cap - len(kept), 0)
+        kept += rows[:room]
+        seen += len(rows[:room])
+        rest = rows[room:]
+        if rest:
+            u = torch.rand(len(rest), generator=rng, dtype=torch.float64)
+            for row, ui in zip(rest, u.tolist(), strict=True):
+                seen += 1
+                j = int(ui * seen)  # uniform in [0, seen)
+                if j < cap:
+                    kept[j] = row
+    assert torch.equal(obs._all(), torch.stack(kept))

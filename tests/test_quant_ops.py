@@ -695,3 +695,31 @@ def test_int8_linear_inference_mode_weights():
     _, expect = np_int8_linear(qx, sx, qw, sw, bias)
     np.testing.assert_allclose(out.double().numpy(), expect, rtol=3e-6, atol=1e-6)
     assert torch.equal(out, again)
+
+
+def test_parameter_caches_follow_edits_and_free_their_tensors():
+    """Validated parameters are cached per tensor: an in-place edit re-validates, and a
+    parameter that goes away takes its cache entry with it (no leak through the cache)."""
+    import gc
+    import weakref
+
+    quant_ops = importlib.import_module("ood_fast.ops.quant")
+    x = torch.randn(3, 16)
+    smooth = torch.rand(16) + 0.5
+    public_ops.rotate_quantize(x, "hadamard", smooth)
+    smooth[2] = 0.0  # in place: must be caught on the next call
+    with pytest.raises(ValueError, match="> 0"):
+        public_ops.rotate_quantize(x, "hadamard", smooth)
+    qx, sx, qw, sw, bias, _ = linear_case(3, 4, 16)
+    public_ops.int8_linear(qx, sx, qw, sw, bias)
+    bias[1] = float("nan")
+    with pytest.raises(ValueError, match="bias"):
+        public_ops.int8_linear(qx, sx, qw, sw, bias)
+    R = torch.linalg.qr(torch.randn(16, 16))[0]
+    public_ops.rotate_quantize(x, R)
+    refs = [weakref.ref(t) for t in (smooth, qw, sw, bias, R)]
+    before = len(quant_ops._WEIGHTS)
+    del smooth, qw, sw, bias, R
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(quant_ops._WEIGHTS) <= before - 5

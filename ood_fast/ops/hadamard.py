@@ -64,6 +64,8 @@ def check_signs(signs, n: int, device) -> torch.Tensor | None:
         raise ValueError(f"signs: expected shape [{n}], got {tuple(signs.shape)}")
     if signs.device != torch.device(device):
         raise ValueError(f"signs is on {signs.device} but x is on {device}; move it to x's device")
+    if ref.is_validated_signs(signs):  # a HadamardRotation's own (fp32, contiguous, ±1)
+        return signs
     signs = signs.to(torch.float32).contiguous()
     if not bool((signs.abs() == 1).all()):
         raise ValueError("signs: every entry must be +1 or -1")

@@ -101,9 +101,13 @@ def _rotation_spec(rotation, n: int, device):
             raise ValueError(
                 f"rotation is on {rotation.device} but x is on {device}; move it to x's device"
             )
-        R = rotation.to(torch.float32).contiguous()
-        scan_finite(R, "rotation")
-        return 0, None, R
+
+        def build(r):
+            R = r.to(torch.float32).contiguous()
+            scan_finite(R, "rotation")
+            return R
+
+        return 0, None, _cached(rotation, ("rotation", str(device)), build)
     raise TypeError(
         "rotation: expected None, 'hadamard', a HadamardRotation or a dense [n, n] tensor, "
         f"got {type(rotation).__name__}"
@@ -189,7 +193,11 @@ def rotate_quantize(
             raise ValueError(f"static_scale must be finite and > 0, got {static_scale}")
     K, signs, dense = _rotation_spec(rotation, n, device)
     if smooth is not None:
-        smooth = _check_vector(smooth, "smooth", n, device, positive=True)
+        smooth = _cached(
+            smooth,
+            ("smooth", n, str(device)),
+            lambda v: _check_vector(v, "smooth", n, device, positive=True),
+        )
     codes, scale, zero = _quant_buffers(out, x.shape, x.shape[:-1], per_token, symmetric, device)
     if check_finite:
         scan_finite(x, "x")
@@ -272,8 +280,10 @@ def quantize_weight(
 
 # --- int8_linear -------------------------------------------------------------------------------
 
-# Weights checked once per tensor version (the [-127, 127] range scan reads all of qw) and the
-# packed compiled weights, keyed by the weight tensor's identity.
+# Per-tensor caches (the [-127, 127] scan of a weight, validated/converted parameter vectors,
+# packed compiled weights), keyed by the tensor's identity. An entry lives exactly as long as
+# its tensor (a weakref callback drops it) and is rebuilt when the tensor is edited in place
+# (its version counter moves) or re-pointed (``.data = ...``).
 _WEIGHTS: dict[int, tuple[weakref.ref, tuple, dict]] = {}
 
 
@@ -287,16 +297,31 @@ def _version(w: torch.Tensor) -> int:
 def weight_cache(w: torch.Tensor) -> dict:
     """A dict living as long as ``w`` is alive and unmodified (same storage and version)."""
     stamp = (w.data_ptr(), _version(w), tuple(w.shape), w.dtype, str(w.device))
-    entry = _WEIGHTS.get(id(w))
+    key = id(w)
+    entry = _WEIGHTS.get(key)
     if entry is None or entry[0]() is not w or entry[1] != stamp:
-        if len(_WEIGHTS) >= 256:
-            for key in [k for k, e in _WEIGHTS.items() if e[0]() is None]:
-                del _WEIGHTS[key]
-            if len(_WEIGHTS) >= 256:
-                _WEIGHTS.clear()
-        entry = (weakref.ref(w), stamp, {})
-        _WEIGHTS[id(w)] = entry
+        ref = weakref.ref(w, lambda _, key=key: _WEIGHTS.pop(key, None))
+        entry = (ref, stamp, {})
+        _WEIGHTS[key] = entry
     return entry[2]
+
+
+_SELF = object()  # cached "the result is the tensor itself": never a strong ref to the key
+
+
+def _cached(t, key, build):
+    """``build(t)`` once per (tensor, key) while t is unmodified; plain call for non-tensors.
+
+    ``build`` must return ``t`` itself or a fresh tensor (not a view of t): a cached view or t
+    itself would keep t alive forever through the cache."""
+    if not isinstance(t, torch.Tensor):
+        return build(t)
+    cache = weight_cache(t)
+    if key not in cache:
+        value = build(t)
+        cache[key] = _SELF if value is t else value
+    value = cache[key]
+    return t if value is _SELF else value
 
 
 def _per_row(v, name: str, M: int, lead, device, dtype) -> torch.Tensor:
@@ -403,9 +428,11 @@ def int8_linear(
         zx = zx.to(torch.int32)
     elif zx is not None:
         raise ValueError("int8 (symmetric) qx takes no zero points: pass zx=None")
-    sw = _check_weight_vector(sw, "sw", N, device)
+    sw = _cached(sw, ("sw", N, str(device)), lambda v: _check_weight_vector(v, "sw", N, device))
     if bias is not None:
-        bias = _check_weight_vector(bias, "bias", N, device)
+        bias = _cached(
+            bias, ("bias", N, str(device)), lambda v: _check_weight_vector(v, "bias", N, device)
+        )
     cache = weight_cache(qw)
     if "range_ok" not in cache:
         if bool((qw == -128).any()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from .._validate import as_tensor
@@ -268,8 +269,12 @@ class PercentileObserver:
             u = torch.rand(rows.shape[0], generator=self._gen, dtype=torch.float64)
             slot = torch.floor(u * t).to(torch.int64)
             hit = (slot < self.max_rows).nonzero().flatten()
-            for i in hit.tolist():  # sequential: a later row may overwrite an earlier one
-                kept[slot[i]] = rows[i]
+            # Sequentially a later row overwrites an earlier one in the same slot: keep, per
+            # slot, the last hit (the first in reversed order).
+            rev = hit.flip(0)
+            _, first = np.unique(slot[rev].numpy(), return_index=True)
+            winners = rev[torch.from_numpy(first)]
+            kept[slot[winners]] = rows[winners]
             self._rows = [kept]
             self.count += rows.shape[0]
         return self

@@ -27,8 +27,25 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import weakref
 
 import torch
+
+# Sign vectors already checked to be ±1 (those a HadamardRotation holds), by identity, so the op
+# need not re-scan them per call (on a GPU that scan would be a device sync).
+_VALIDATED_SIGNS: dict[int, weakref.ref] = {}
+
+
+def _mark_valid_signs(t: torch.Tensor) -> None:
+    key = id(t)
+    _VALIDATED_SIGNS[key] = weakref.ref(t, lambda _, key=key: _VALIDATED_SIGNS.pop(key, None))
+
+
+def is_validated_signs(t: torch.Tensor) -> bool:
+    """True when ``t`` is a sign vector a ``HadamardRotation`` checked (and holds)."""
+    ref = _VALIDATED_SIGNS.get(id(t))
+    return ref is not None and ref() is t
+
 
 SUPPORTED_K = (1, 12, 20, 28)
 FORMS = "2^m, 12·2^m, 20·2^m, 28·2^m, 40·2^m (= 20·2^(m+1))"
@@ -252,6 +269,8 @@ class HadamardRotation:
             if not bool((signs.abs() == 1).all()):
                 raise ValueError("signs: every entry must be +1 or -1")
         self.signs = signs
+        if signs is not None:
+            _mark_valid_signs(signs)
         self._on_device: dict[str, torch.Tensor] = {}
 
     def signs_on(self, device) -> torch.Tensor | None:
@@ -260,7 +279,9 @@ class HadamardRotation:
             return None
         key = str(torch.device(device))
         if key not in self._on_device:
-            self._on_device[key] = self.signs.to(device)
+            on = self.signs.to(device)
+            _mark_valid_signs(on)
+            self._on_device[key] = on
         return self._on_device[key]
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
