@@ -93,7 +93,9 @@ def bench_quant(benchmark, key: str, spec: str):
         bytes=case.bytes,
     )
     if cand.kind == "ours":
-        benchmark.extra_info["bars"] = case.bars(cand.role)
+        benchmark.extra_info["bars"] = {  # the dense x@H peer runs at DENSE_NS only
+            r: b for r, b in case.bars(cand.role).items() if r != "dense" or case.n in DENSE_NS
+        }
         benchmark.extra_info["interleaved"] = interleaved_ratios(case, cand, state, xt, scale)
     benchmark.pedantic(
         cand.score,
