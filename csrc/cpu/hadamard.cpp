@@ -102,6 +102,9 @@ inline void store_elem(void* p, int dt, int64_t i, float v) {
 }
 
 bool use_avx512() {
+#ifndef OOD_FAST_X86
+  return false;  // built without the AVX-512 kernels (OOD_FAST_PORTABLE_ONLY or not x86)
+#endif
   static const bool has = cpu_has_avx512f();
   const char* env = std::getenv("OOD_FAST_HADAMARD_ISA");
   if (env && std::string(env) == "generic") return false;
@@ -114,6 +117,16 @@ bool use_avx512() {
 bool want_stream(int64_t out_bytes) {
   if (const char* env = std::getenv("OOD_FAST_HADAMARD_STREAM")) return env[0] == '1';
   return out_bytes >= (int64_t(8) << 20);
+}
+
+// The input row to prefetch while row r is computed: r + d with d rows >= 8 KiB ahead (a short row
+// is computed faster than one memory latency's worth of bandwidth would arrive), within the
+// thread's rows [.., r1).
+inline fwht::Prefetch prefetch_row(const char* x, size_t row_bytes, int64_t r, int64_t r1) {
+  const int64_t d = std::max<int64_t>(1, static_cast<int64_t>((size_t(8) << 10) / row_bytes));
+  if (r + d >= r1) return {};
+  const char* p = x + static_cast<size_t>(r + d) * row_bytes;
+  return fwht::Prefetch{p, p + row_bytes};
 }
 
 // Orders this thread's non-temporal stores before the parallel region's join.
@@ -341,29 +354,52 @@ OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant_i32(__m512 v, const QVec& c) {
   return _mm512_cvt_roundps_epi32(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// 64 codes of z[0..64) as one 64-byte vector: two dword->word packs and one word->byte pack
-// (in-range values: the saturation never acts) leave the bytes 4x4-dword transposed per lane;
-// one vpermd restores the order. Half the shuffle uops of four vpmovdb, one store instead of four.
-template <bool ASYM>
+// 64 codes of z[0..64) as one 64-byte vector. The tie check is one branch for the four vectors.
+// CLAMP false (symmetric, dynamic scale): |y| <= absmax = scale * qmax, so |y * (1/scale)| <=
+// qmax (1 + 2^-22) rounds into [-qmax, qmax] and the clamps are skipped. Packing: two dword->word
+// packs and one word->byte pack (in-range values: the saturation never acts) leave the bytes
+// 4x4-dword transposed per lane; one vpermd restores the order (half the shuffle uops of four
+// vpmovdb, and one store instead of four).
+template <bool ASYM, bool CLAMP>
 OOD_TARGET_AVX512 OOD_FWHT_INLINE __m512i quant64(const float* z, const QVec& c) {
-  const __m512i a = quant_i32<ASYM>(_mm512_loadu_ps(z), c), b = quant_i32<ASYM>(_mm512_loadu_ps(z + 16), c);
-  const __m512i d = quant_i32<ASYM>(_mm512_loadu_ps(z + 32), c), e = quant_i32<ASYM>(_mm512_loadu_ps(z + 48), c);
-  const __m512i ab = _mm512_packs_epi32(a, b), de = _mm512_packs_epi32(d, e);
+  __m512 v[4], q[4];
+  __mmask16 tie[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm512_loadu_ps(z + 16 * k);
+    q[k] = _mm512_mul_ps(v[k], c.vr);
+    const __m512 d = _mm512_reduce_ps(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);  // q - rint(q)
+    tie[k] = _mm512_cmp_ps_mask(_mm512_abs_ps(d), c.thr, _CMP_GT_OQ);
+  }
+  if (_kor_mask16(_kor_mask16(tie[0], tie[1]), _kor_mask16(tie[2], tie[3]))) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) q[k] = _mm512_mask_div_ps(q[k], tie[k], v[k], c.vs);
+  }
+  __m512i i[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    if (ASYM) q[k] = _mm512_add_ps(_mm512_roundscale_ps(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), c.vz);
+    if (CLAMP) q[k] = _mm512_min_ps(_mm512_max_ps(q[k], c.vlo), c.vhi);
+    i[k] = _mm512_cvt_roundps_epi32(q[k], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  const __m512i ab = _mm512_packs_epi32(i[0], i[1]), de = _mm512_packs_epi32(i[2], i[3]);
   const __m512i bytes = ASYM ? _mm512_packus_epi16(ab, de) : _mm512_packs_epi16(ab, de);
   const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return _mm512_permutexvar_epi32(idx, bytes);
 }
 
-template <bool ASYM, bool STREAM>
+template <bool ASYM, bool STREAM, bool CLAMP>
 OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& c, int8_t* codes, fwht::Prefetch& pf) {
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    const __m512i v = quant64<ASYM>(z + i, c);
-    if (STREAM)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), v);
-    else
-      _mm512_storeu_si512(codes + i, v);
-    pf.step(4);
+  if (c.recip_ok) {
+    for (; i + 64 <= n; i += 64) {
+      const __m512i v = quant64<ASYM, CLAMP>(z + i, c);
+      if (STREAM)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(codes + i), v);
+      else
+        _mm512_storeu_si512(codes + i, v);
+      pf.step(4);
+    }
   }
   for (; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
@@ -371,9 +407,10 @@ OOD_TARGET_AVX512 void avx512_quantize_t(const float* z, int64_t n, const QVec& 
   }
 }
 
-// codes: n int8/uint8; stream: non-temporal stores (codes 64-byte aligned, n % 64 == 0).
+// codes: n int8/uint8; stream: non-temporal stores (codes 64-byte aligned, n % 64 == 0);
+// dynamic: the scale came from these values' extremes (symmetric: no clamping needed).
 OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams& q, void* codes, bool stream,
-                                       fwht::Prefetch& pf) {
+                                       bool dynamic, fwht::Prefetch& pf) {
   if (q.scale == 0.0f) {
     std::memset(codes, 0, static_cast<size_t>(n));
     return;
@@ -381,9 +418,13 @@ OOD_TARGET_AVX512 void avx512_quantize(const float* z, int64_t n, const QParams&
   const QVec c(q);
   int8_t* cp = static_cast<int8_t*>(codes);
   if (q.asym)
-    stream ? avx512_quantize_t<true, true>(z, n, c, cp, pf) : avx512_quantize_t<true, false>(z, n, c, cp, pf);
+    stream ? avx512_quantize_t<true, true, true>(z, n, c, cp, pf) : avx512_quantize_t<true, false, true>(z, n, c, cp, pf);
+  else if (dynamic)
+    stream ? avx512_quantize_t<false, true, false>(z, n, c, cp, pf)
+           : avx512_quantize_t<false, false, false>(z, n, c, cp, pf);
   else
-    stream ? avx512_quantize_t<false, true>(z, n, c, cp, pf) : avx512_quantize_t<false, false>(z, n, c, cp, pf);
+    stream ? avx512_quantize_t<false, true, true>(z, n, c, cp, pf)
+           : avx512_quantize_t<false, false, true>(z, n, c, cp, pf);
 }
 
 // Transformed row into z (z == y allowed when K == 1) and its extremes, merged into st.
@@ -493,7 +534,7 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
       if (vec) {
         const size_t rb = static_cast<size_t>(n) * es;
         fwht::Prefetch pf;
-        if (r + 1 < r1) pf = fwht::Prefetch{static_cast<const char*>(xr) + rb, static_cast<const char*>(xr) + 2 * rb};
+        pf = prefetch_row(x, rb, r, r1);
         switch (dt) {
           case kF32:
             if (stream)
@@ -523,7 +564,7 @@ struct RQ {
   Plan pl;
   int dt = kF32;
   int64_t n = 0;
-  bool rotate = true, asym = false, vec = false, stream = false;
+  bool rotate = true, asym = false, vec = false, stream = false, dynamic = true;
   const char* x = nullptr;
   const float* m = nullptr;       // multiplier (rotate)
   const float* smooth = nullptr;  // K = 0 only
@@ -563,17 +604,13 @@ struct RQ {
     return z;
   }
 
-  // The next row's input (r + 1 < r1), for prefetching.
   fwht::Prefetch next(int64_t r, int64_t r1) const {
-    if (r + 1 >= r1) return {};
-    const size_t rb = static_cast<size_t>(n) * dtype_size(dt);
-    const char* p = x + static_cast<size_t>(r + 1) * rb;
-    return fwht::Prefetch{p, p + rb};
+    return prefetch_row(x, static_cast<size_t>(n) * dtype_size(dt), r, r1);
   }
 
   void quantize(const float* zr, const QParams& q, void* codes, fwht::Prefetch* pf) const {
 #ifdef OOD_FAST_X86
-    if (vec) return avx512_quantize(zr, n, q, codes, stream, *pf);
+    if (vec) return avx512_quantize(zr, n, q, codes, stream, dynamic, *pf);
 #endif
     generic_quantize(zr, n, q, codes);
   }
@@ -627,31 +664,46 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   const bool z_is_y = rq.vec && rq.rotate && K == 1;
   const size_t nbuf = static_cast<size_t>((n + 15) / 16 * 16);
   const int nt = pick_threads(num_threads, std::max<int64_t>(rows, 1), n);
+  rq.dynamic = !is_static;
   rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
 
   if (per_token || is_static) {
-    std::vector<gemm::Buffer<float>> ys(nt), zs(nt);
+    // Software-pipelined by one row: row r is transformed (into the buffer pair r % 2) before row
+    // r - 1 is quantized, so that the quantizer's wait for row r's scale (the end of its
+    // transform, a horizontal reduction, two divisions) overlaps independent work instead of
+    // stalling every short row.
+    std::vector<gemm::Buffer<float>> ys(nt), zs(2 * nt);
     for (int t = 0; t < nt; ++t) {
       ys[t].resize(nbuf);
-      if (!z_is_y) zs[t].resize(nbuf);
+      zs[2 * t].resize(nbuf);
+      zs[2 * t + 1].resize(nbuf);
     }
     if (!per_token) scales[0] = sstat;
 #pragma omp parallel num_threads(nt)
     {
       const int t = thread_id(), T = thread_count();
       const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
-      float* y = ys[t].data();
-      float* z = z_is_y ? y : zs[t].data();
-      for (int64_t r = r0; r < r1; ++r) {
-        Stats st;
-        fwht::Prefetch pf = rq.next(r, r1);
-        const float* zr = rq.row(r, y, z, st, &pf);
-        const QParams q = make_params(st, symmetric, sstat, bits);
-        rq.quantize(zr, q, codes + r * n, &pf);
-        if (per_token) {
-          scales[r] = q.scale;
-          if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
+      const float* prev = nullptr;
+      QParams qprev;
+      fwht::Prefetch pf;
+      for (int64_t r = r0; r <= r1; ++r) {
+        const float* zr = nullptr;
+        QParams q;
+        if (r < r1) {
+          float* z = zs[2 * t + (r & 1)].data();
+          float* y = z_is_y ? z : ys[t].data();
+          Stats st;
+          pf = rq.next(r, r1);
+          zr = rq.row(r, y, z, st, &pf);
+          q = make_params(st, symmetric, sstat, bits);
+          if (per_token) {
+            scales[r] = q.scale;
+            if (zeros) zeros[r] = static_cast<int32_t>(q.zero);
+          }
         }
+        if (prev) rq.quantize(prev, qprev, codes + (r - 1) * n, &pf);
+        prev = zr;
+        qprev = q;
       }
       if (rq.stream) store_fence();
     }
