@@ -375,62 +375,25 @@ def embed(model: nn.Module, tokenizer: WordPieceTokenizer, texts, max_length: in
 # ---------------------------------------------------------------------------------------------
 
 
-class W8A8Linear(nn.Module):
-    """``y = x Wᵀ + b`` with int8 per-token activations and int8 per-output-channel weights,
-    through the ops, with an optional online rotation R of the input:
-
-        y = (x R) · (W R)ᵀ + b         W R computed once in float64, then quantized
-
-    (x R is computed by the fused ``rotate_quantize`` kernel, so the rotated activations never
-    exist in float). A local wrapper: ``ood_fast.quant.linear.QuantLinear`` (the mamba branch)
-    is the general one.
-    """
-
-    def __init__(self, linear: nn.Linear, rotation=None, *, backend=None):
-        super().__init__()
-        from .. import ops
-
-        w = linear.weight.detach().to(torch.float64)
-        if rotation is not None:
-            w = w @ rotation.matrix(dtype=torch.float64)
-        qw, sw = ops.quantize_weight(w.to(torch.float32))
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.rotation = rotation
-        self.backend = backend
-        self.register_buffer("qweight", qw)
-        self.register_buffer("wscale", sw)
-        bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .. import ops
-
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        q = ops.rotate_quantize(x2, self.rotation, granularity="per_token", backend=self.backend)
-        y = ops.int8_linear(
-            q.codes, q.scale, self.qweight, self.wscale, self.bias, backend=self.backend
-        )
-        return y.reshape(*lead, self.out_features).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        rot = "none" if self.rotation is None else type(self.rotation).__name__
-        return f"in={self.in_features}, out={self.out_features}, rotation={rot}"
-
-
 def quantize_bert_w8a8(
-    model: nn.Module, rotation: str | None = "hadamard", *, seed: int = 0, backend=None
+    model: nn.Module,
+    rotation: str | None = "hadamard",
+    *,
+    seed: int = 0,
+    act_granularity: str = "per_token",
 ) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` (in place; returns it) by a ``W8A8Linear``:
-    int8 weights per output channel, int8 activations per token (dynamic, symmetric).
+    """Replace every ``nn.Linear`` of ``model`` (in place; returns it) by an
+    ``ood_fast.quant.linear.QuantLinear``: int8 weights per output channel (symmetric, absmax),
+    int8 activations per token (dynamic, symmetric), int32 accumulation, fp32 epilogue.
 
-    ``rotation="hadamard"``: an online random Hadamard rotation of each linear's input
-    (``random_hadamard(in_features, seed + i)`` for the i-th linear), fused offline into the
-    weight. ``rotation=None``: plain round-to-nearest (RTN) W8A8. Embeddings, LayerNorms,
-    softmax and GELU stay in fp32.
+    ``rotation="hadamard"``: an online random Hadamard rotation R of each linear's input
+    (``random_hadamard(in_features, seed + i)`` for the i-th linear), ``y = (x R)(W R)ᵀ + b``
+    with ``W R`` formed once in float64 and then quantized; x R is done by the fused
+    ``rotate_quantize`` kernel. ``rotation=None``: plain round-to-nearest (RTN) W8A8.
+    Embeddings, LayerNorms, attention softmax and GELU stay in fp32.
     """
     from .. import ops
+    from .linear import quantize_linear
 
     if rotation not in ("hadamard", None):
         raise ValueError(f"rotation must be 'hadamard' or None, got {rotation!r}")
@@ -439,7 +402,8 @@ def quantize_bert_w8a8(
         rot = ops.random_hadamard(linear.in_features, seed=seed + i) if rotation else None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, W8A8Linear(linear, rot, backend=backend))
+        q = quantize_linear(linear, rotation=rot, act_granularity=act_granularity)
+        setattr(parent, child, q)
     return model
 
 
