@@ -120,6 +120,31 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}×" if v >= 100 else f"{v:.1f}×" if v >= 10 else f"{v:.2f}×"
 
 
+def _bar_lines(ours: dict, group: list[dict]) -> list[str]:
+    """The issue's performance bars of one of our records (quant benchmarks: ``bars`` =
+    {peer role: bar}): against the fastest peer of each role, peer time / ours, ok or MISS; and
+    the same ratio timed interleaved with that peer (``interleaved``), where measured."""
+    out = []
+    for role, bar in (ours.get("bars") or {}).items():
+        peers = [r for r in group if r.get("kind") == "peer" and r.get("role") == role]
+        if not peers:
+            out.append(f"    bar >= {bar:g}× {role}: no {role} peer ran")
+            continue
+        best = min(peers, key=lambda r: r["time_s"])
+        v = best["time_s"] / ours["time_s"]
+        iv = (ours.get("interleaved") or {}).get(role)
+        inter = (
+            f"; interleaved with it: {_fmt(iv)} {'ok' if iv >= bar else 'MISS'}"
+            if isinstance(iv, float)
+            else ""
+        )
+        out.append(
+            f"    bar >= {bar:g}× {role}: {_fmt(v)} vs {best['candidate']} "
+            f"{'ok' if v >= bar else 'MISS'}{inter}"
+        )
+    return out
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     records = _records(config)
     if not records:
@@ -136,7 +161,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             acc_s = f", max rel diff {acc:.1e}" if isinstance(acc, float) else ""
             if isinstance(o.get("max_abs_diff_f64"), float):  # KNN: scores are absolute
                 acc_s += f", max |Δ| vs float64 {o['max_abs_diff_f64']:.1e}"
+            if isinstance(o.get("scale_rel_diff"), float):  # quant: rotate_quantize's check
+                acc_s += (
+                    f", scales vs float64 {o['scale_rel_diff']:.1e}, "
+                    f"max |code − y/scale| {o['max_code_err']:.3f}"
+                )
+            if isinstance(o.get("sqnr_db"), float):  # quant: W8A8 vs float64
+                acc_s += f", SQNR vs float64 {o['sqnr_db']:.1f} dB"
+            if o.get("backend_used"):
+                acc_s += f", backend {o['backend_used']}"
+            for unit in ("gbps", "gops"):
+                if isinstance(o.get(unit), float):
+                    acc_s += f", {o[unit]:.1f} {'GB/s' if unit == 'gbps' else 'GOP/s'}"
             tr.write_line(f"  {ours} ({o['time_s']:.4g} s{acc_s})")
+            if o.get("scale_to_full", 1.0) != 1.0:
+                tr.write_line(f"    (ours scaled from {o['rows']:,} of {o['n_total']:,} rows)")
             for peer, v in vs.items():
                 p = by_name[(g, peer)]
                 note = (
@@ -144,7 +183,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                     if p.get("scale_to_full", 1.0) != 1.0
                     else ""
                 )
+                for unit in ("gbps", "gops"):
+                    if isinstance(p.get(unit), float):
+                        note += f", {p[unit]:.1f} {'GB/s' if unit == 'gbps' else 'GOP/s'}"
                 tr.write_line(f"    {_fmt(v):>8} {peer} ({p['time_s']:.4g} s){note}")
+            for line in _bar_lines(o, [r for r in records if r["group"] == g]):
+                tr.write_line(line)
     for r in records:  # the accuracy side of the bars, where a benchmark measured it
         extras = []
         if "delta_auroc" in r:

@@ -1879,3 +1879,1347 @@ def render_gpu(results: dict) -> str:
     for name, why in results.get("skipped", []):
         out.append(f"not run: {name}: {why}")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization workload (`ood-fast bench --workload quant`, benchmarks/test_bench_quant.py)
+# ---------------------------------------------------------------------------------------------
+#
+# Two halves:
+#
+# kernel speed   one ``QuantCase`` per op and size, ours (the op on the backend that auto-selects,
+#                or each of ``backends``; the row says which backend ran, recorded at the
+#                registry, per op) against the peers of ``ood_fast.peers``:
+#                  hadamard fp32, rows of n, 64 MB per call: vs ``dst.copy_(src)`` of the same
+#                    bytes (the memory-bound limit: one read + one write) and a dense
+#                    ``torch.matmul(x, H, out=)``; GB/s = bytes read + written / time
+#                  rotate_quantize (random Hadamard, per token, fp32 -> int8): vs a copy moving
+#                    the same total bytes (fp32 in + int8 codes + fp32 scales out)
+#                  int8_linear M×K×N: ours on pre-quantized int8 inputs, ours rotated W8A8
+#                    (rotate_quantize + int8_linear chained on ``out=`` buffers; and a
+#                    ``QuantLinear`` forward where ood_fast.quant has one) vs fp32 ``F.linear``,
+#                    torch's dynamic int8 ``Linear`` on each quantized engine (fbgemm, onednn;
+#                    the faster is "torch int8") and ``torch._int_mm`` (int32, no epilogue)
+#                The candidates of a case are timed round-robin (``time_round_robin``: one call
+#                of each per round, so that on a shared machine they see the same load). Each
+#                candidate is checked before it is timed on its first QUANT_CHECK_ROWS rows (against float64; int GEMMs exactly against int64) and a slow one (the
+#                torch reference backend, a dense x@H) is timed on its first rows, sized to
+#                the budget, and scaled linearly (the row says so).
+# SQNR           W8A8 (weights int8 per output channel; activations int8 static per tensor —
+#                scale calibrated on a calibration split — or dynamic per token) of a linear
+#                layer y = x Wᵀ under each method of QUANT_METHODS, on the synthetic outlier
+#                activations (``ood_fast.quant.synthetic``) and on the inputs of the linears of
+#                a randomly initialised Mamba block with injected outliers (``ood_fast.quant``):
+#                SQNR = 10 log10(Σ y² / Σ (ŷ − y)²), y in float64, ŷ from our ops
+#                (rotate_quantize + int8_linear), measured by quant.synthetic's
+#                evaluate_linear_w8a8 (one definition for the bench and the SQNR gate tests).
+
+QUANT_OPS = ("hadamard", "rotate_quantize", "int8_linear")
+QUANT_PEERS = ("copy", "dense", "torch_fp32", "torch_int8", "int_mm")
+QUANT_PEER_LABELS = {
+    "copy": "copy (dst.copy_(src))",
+    "dense": "dense x@H (matmul out=)",
+    "torch_fp32": "torch F.linear fp32",
+    "torch_int8": "torch int8 dynamic Linear",
+    "int_mm": "torch._int_mm (int32, no dequant)",
+}
+QUANT_METHODS = ("none", "H", "KLT+H", "smooth+H", "smooth+KLT+H")
+QUANT_GRANULARITIES = ("per_tensor", "per_token")
+QUANT_CHECK_ROWS = 64
+MB = 1 << 20
+QUANT_PRESETS: dict[str, dict] = {
+    # seconds: smoke tests and `ood-fast bench --workload quant --quick`
+    "quick": dict(
+        hadamard_ns=(256, 1536),
+        hadamard_bytes=2 * MB,
+        dense_ns=(256,),
+        rq_ns=(1024,),
+        rq_bytes=2 * MB,
+        linear=(128, 512, 512),
+        sqnr_synthetic=dict(dim=256, n_calib=4096, n_test=1024),
+        sqnr_mamba=dict(d_model=64, tokens=256),
+    ),
+    # the issue's bars: 64 MB per Hadamard call, M=2048 K=N=4096 linear
+    "default": dict(
+        hadamard_ns=(256, 1024, 4096, 8192, 1536, 3584, 5120),
+        hadamard_bytes=64 * MB,
+        dense_ns=(4096,),
+        rq_ns=(4096,),
+        rq_bytes=64 * MB,
+        linear=(2048, 4096, 4096),
+        sqnr_synthetic=dict(dim=256, n_calib=16384, n_test=4096),
+        sqnr_mamba=dict(d_model=256, tokens=1024),
+    ),
+}
+# The issue's performance bars: our time ratio (peer time / ours, same run) must reach these.
+# hadamard K·2^m sizes (K in 12, 20, 28) have the lower copy bar.
+QUANT_BARS = {
+    "hadamard": {"copy": 0.8, "dense": 50.0},
+    "hadamard_k": {"copy": 0.5, "dense": 50.0},
+    "rotate_quantize": {"copy": 0.7},
+    "int8_linear": {"torch_fp32": 2.0, "torch_int8": 1.0},
+    "w8a8_linear": {"torch_int8": 0.9},
+}
+
+
+def _hadamard_k(n: int) -> int:
+    """K of n = K·2^m (1 for a power of two); mirrors ood_fast.reference.hadamard.factorize
+    without needing it (the bench must run before the ops exist, saying why they cannot)."""
+    for k in (1, 12, 20, 28):
+        if n % k == 0 and (n // k) & (n // k - 1) == 0:
+            return k
+    return 0
+
+
+@dataclass
+class QuantCase:
+    """One kernel case: ``op`` on ``rows`` rows of ``n`` (int8_linear: x [rows, n] against
+    weights [n_out, n]); inputs generated once, deterministic in ``seed``."""
+
+    op: str
+    rows: int
+    n: int
+    n_out: int = 0
+    seed: int = 0
+    _inputs: dict | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def for_bytes(cls, op: str, n: int, nbytes: int, seed: int = 0) -> QuantCase:
+        """Rows of fp32 n sized so that the input is ``nbytes`` (64 MB per call)."""
+        return cls(op, max(1, nbytes // (4 * n)), n, seed=seed)
+
+    @property
+    def name(self) -> str:
+        if self.op == "int8_linear":
+            return f"int8_linear M={self.rows} K={self.n} N={self.n_out}"
+        mb = 4 * self.rows * self.n / MB
+        size = f"{mb:.0f} MB" if mb >= 1 else f"{mb * 1024:.0f} KB"
+        k = _hadamard_k(self.n)
+        form = (
+            f"{k}·2^{(self.n // k).bit_length() - 1}" if k > 1 else f"2^{self.n.bit_length() - 1}"
+        )
+        if self.op == "hadamard":
+            return f"hadamard n={self.n} ({form}) fp32 {size}"
+        return f"rotate_quantize n={self.n} H per-token fp32->int8 {size}"
+
+    @property
+    def bytes(self) -> int:
+        """Bytes read + written by one call (hadamard: fp32 in and out; rotate_quantize: fp32
+        in, int8 codes and one fp32 scale per row out; int8_linear: int8 x and W in, fp32 out)."""
+        r, n = self.rows, self.n
+        if self.op == "hadamard":
+            return 8 * r * n
+        if self.op == "rotate_quantize":
+            return 4 * r * n + r * n + 4 * r
+        return r * n + self.n_out * n + 4 * r * self.n_out
+
+    @property
+    def ops(self) -> float:
+        """int8_linear: 2·M·N·K multiply-adds counted as two ops; else 0."""
+        return 2.0 * self.rows * self.n * self.n_out if self.op == "int8_linear" else 0.0
+
+    @property
+    def unit(self) -> str:
+        return "GOP/s" if self.op == "int8_linear" else "GB/s"
+
+    def bars(self, role: str) -> dict:
+        """{peer role: bar} for our candidate of this role ("op" or "w8a8"; others: none)."""
+        if role not in ("op", "w8a8"):
+            return {}
+        if self.op == "int8_linear":
+            return dict(QUANT_BARS["w8a8_linear" if role == "w8a8" else "int8_linear"])
+        if self.op == "hadamard":
+            bars = dict(QUANT_BARS["hadamard" if _hadamard_k(self.n) == 1 else "hadamard_k"])
+            return bars
+        return dict(QUANT_BARS["rotate_quantize"])
+
+    @property
+    def inputs(self) -> dict:
+        """hadamard / rotate_quantize: dict(x fp32 [rows, n]); int8_linear: dict(x fp32 [M, K],
+        w fp32 [N, K], b fp32 [N], qx int8 [M, K], sx fp32 [M] (symmetric per token), qw int8
+        [N, K], sw fp32 [N] (symmetric per output channel))."""
+        if self._inputs is None:
+            g = torch.Generator().manual_seed(self.seed)
+            x = torch.randn(self.rows, self.n, generator=g)
+            d = {"x": x}
+            if self.op == "int8_linear":
+                w = torch.randn(self.n_out, self.n, generator=g) / math.sqrt(self.n)
+                d["w"] = w
+                d["b"] = 0.1 * torch.randn(self.n_out, generator=g)
+                d["qx"], d["sx"] = _symmetric_int8_rows(x)
+                d["qw"], d["sw"] = _symmetric_int8_rows(w)
+            self._inputs = d
+        return self._inputs
+
+    def meta(self) -> dict:
+        return {
+            "op": self.op,
+            "name": self.name,
+            "rows": self.rows,
+            "n": self.n,
+            "n_out": self.n_out,
+            "bytes": self.bytes,
+            "ops": self.ops,
+        }
+
+
+def _symmetric_int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (the contract's formula: scale = absmax/127, codes = clamp(rint(
+    t/scale), ±127), a zero row gets scale 0 and codes 0): the benchmark's own inputs, so the
+    int8 GEMM cases do not depend on the quantize op."""
+    s = t.abs().amax(dim=1) / 127.0
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(t / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), s.to(torch.float32).contiguous()
+
+
+def peers_quantized_engines() -> tuple[str, ...]:
+    """The quantized engines the torch int8 peer runs on here (``peers.quantized_engines``)."""
+    from . import peers as P
+
+    return P.quantized_engines()
+
+
+def quant_cases(preset: str = "default", ops_: Sequence[str] = QUANT_OPS) -> list[QuantCase]:
+    """The kernel cases of a preset (QUANT_PRESETS), in order."""
+    if preset not in QUANT_PRESETS:
+        raise ValueError(
+            f"unknown quant preset {preset!r}; expected one of {sorted(QUANT_PRESETS)}"
+        )
+    bad = [o for o in ops_ if o not in QUANT_OPS]
+    if bad:
+        raise ValueError(f"unknown quant ops {bad}; expected some of {QUANT_OPS}")
+    p = QUANT_PRESETS[preset]
+    out: list[QuantCase] = []
+    if "hadamard" in ops_:
+        out += [QuantCase.for_bytes("hadamard", n, p["hadamard_bytes"]) for n in p["hadamard_ns"]]
+    if "rotate_quantize" in ops_:
+        out += [QuantCase.for_bytes("rotate_quantize", n, p["rq_bytes"]) for n in p["rq_ns"]]
+    if "int8_linear" in ops_:
+        m, k, n = p["linear"]
+        out.append(QuantCase("int8_linear", m, k, n))
+    return out
+
+
+@dataclass
+class QuantCandidate:
+    """One timed row: ``prepare(inputs) -> state`` (buffers, packed weights: untimed),
+    ``score(state, x) -> result`` (timed; x = ``inputs[input_key]`` or its first rows),
+    ``check(state, inputs) -> dict`` (untimed accuracy on the first QUANT_CHECK_ROWS rows;
+    raises when wrong)."""
+
+    name: str
+    kind: str  # "ours" or "peer"
+    case: str  # QuantCase.name
+    op: str
+    prepare: Callable[[dict], Any]
+    score: Callable[[Any, torch.Tensor], Any]
+    check: Callable[[Any, dict], dict] | None = None
+    input_key: str = "x"
+    role: str = "op"  # ours: "op" | "w8a8"; peers: a QUANT_PEERS name
+    backend: str | None = None  # requested (None: automatic selection)
+    peer: str | None = None
+    engine: str | None = None
+    sliced: bool = False  # may be timed on its first rows (probed against the budget)
+    fixed_bytes: bool = False  # ignores x: always moves the case's bytes (the copy peers)
+    device: str = "cpu"
+
+    def info(self) -> dict:
+        return {
+            "candidate": self.name,
+            "kind": self.kind,
+            "case": self.case,
+            "op": self.op,
+            "role": self.role,
+            "backend": self.backend,
+            "peer": self.peer,
+            "engine": self.engine,
+            "device": self.device,
+        }
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Within the block, every call that goes through the backend registry appends
+    ``(op, backend)`` to the yielded list: which backend really ran (automatic selection
+    included), whatever the op's arguments."""
+    from . import _backend
+
+    used: list[tuple[str, str]] = []
+    saved = []
+    for op, impls in _backend._REGISTRY.items():
+        for b, impl in list(impls.items()):
+
+            def wrap(*a, _fn=impl.fn, _op=op, _b=b, **k):
+                used.append((_op, _b))
+                return _fn(*a, **k)
+
+            saved.append((impls, b, impl))
+            impls[b] = _backend._Impl(wrap, impl.check)
+    try:
+        yield used
+    finally:
+        for impls, b, impl in saved:
+            impls[b] = impl
+
+
+def _used_str(used: list[tuple[str, str]]) -> str | None:
+    """'cpu' when every op ran on one backend, else 'rotate_quantize=cpu, int8_linear=torch'."""
+    seen: dict[str, str] = {}
+    for op, b in used:
+        seen.setdefault(op, b)
+    if not seen:
+        return None
+    if len(set(seen.values())) == 1:
+        return next(iter(seen.values()))
+    return ", ".join(f"{op}={b}" for op, b in seen.items())
+
+
+def _ops_or_reason() -> tuple[Any, str | None]:
+    """(ood_fast.ops, None) when it has the quantization ops of the contract, else (None, why)."""
+    try:
+        from . import ops
+    except Exception as exc:
+        return None, f"ood_fast.ops does not import ({type(exc).__name__}: {exc})"
+    missing = [
+        f
+        for f in (
+            "hadamard",
+            "rotate_quantize",
+            "int8_linear",
+            "random_hadamard",
+            "QuantizedTensor",
+        )
+        if not hasattr(ops, f)
+    ]
+    if missing:
+        return None, (
+            f"ood_fast.ops has no {', '.join(missing)} (the quant-py branch is not merged)"
+        )
+    return ops, None
+
+
+def _no_scan(ops) -> dict:
+    """``{"check_finite": False}`` where the ops take it (they do since quant-py), else {}."""
+    import inspect
+
+    ok = "check_finite" in inspect.signature(ops.rotate_quantize).parameters
+    return {"check_finite": False} if ok else {}
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got − ref| / max |ref| (float64)."""
+    ref = ref.to(torch.float64)
+    den = float(ref.abs().max()) or 1.0
+    return float((got.to(torch.float64) - ref).abs().max()) / den
+
+
+def sqnr_db(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """10 log10(Σ ref² / Σ (got − ref)²) in float64 (inf when equal)."""
+    ref = ref.to(torch.float64)
+    noise = float((got.to(torch.float64) - ref).square().sum())
+    sig = float(ref.square().sum())
+    return math.inf if noise == 0 else 10.0 * math.log10(sig / noise)
+
+
+def _hadamard_ref(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 orthonormal Hadamard of the rows of x: ``(x·signs) @ kron(H_K, S_{2^p}) / sqrt(n)``
+    evaluated in its factored form (a float64 butterfly along 2^p, then H_K mixing the K
+    blocks), so n = 8192 needs no 512 MB dense matrix. H_K from ood_fast.reference.hadamard."""
+    from .reference.hadamard import factorize, hadamard_factor
+
+    n = x.shape[-1]
+    k, p = factorize(n)
+    y = x.to(torch.float64).reshape(-1, n)
+    if signs is not None:
+        y = y * torch.as_tensor(signs).to(torch.float64)
+    r, m, h = y.shape[0], 1 << p, 1
+    y = y.reshape(r, k, m)
+    while h < m:  # Sylvester order: pairs (i, i + h) within blocks of 2h
+        v = y.reshape(r, k, m // (2 * h), 2, h)
+        y = torch.stack((v[..., 0, :] + v[..., 1, :], v[..., 0, :] - v[..., 1, :]), dim=-2)
+        h *= 2
+    y = y.reshape(r, k, m)
+    if k > 1:  # y[c] = Σ_a H_K[a, c] · fwht(x[a])
+        y = torch.einsum("rab,ac->rcb", y, hadamard_factor(k).to(torch.float64))
+    return (y.reshape(r, n) / math.sqrt(n)).reshape(x.shape)
+
+
+def _copy_candidate(case: QuantCase) -> QuantCandidate:
+    """``dst.copy_(src)`` into a preallocated buffer, moving the case's bytes (read + write)."""
+    if case.op == "hadamard":
+
+        def prepare(inp):
+            return {"dst": torch.empty_like(inp["x"])}
+
+        def score(st, x):
+            return st["dst"][: x.shape[0]].copy_(x)
+
+        return QuantCandidate(
+            QUANT_PEER_LABELS["copy"],
+            "peer",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            role="copy",
+            peer="copy",
+        )
+
+    half = max(1, case.bytes // 2 // 4)  # fp32 elements: a copy of B/2 bytes moves B bytes
+
+    def prepare_b(inp):
+        return {"src": torch.randn(half), "dst": torch.empty(half)}
+
+    def score_b(st, x):
+        return st["dst"].copy_(st["src"])
+
+    return QuantCandidate(
+        f"copy of the same bytes ({case.bytes / 2 / MB:.0f} MB)",
+        "peer",
+        case.name,
+        case.op,
+        prepare_b,
+        score_b,
+        role="copy",
+        peer="copy",
+        fixed_bytes=True,
+    )
+
+
+def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> QuantCandidate | str:
+    """Our candidate for ``case`` (``role`` "w8a8": the rotated W8A8 linear chained from the
+    ops; "quantlinear": an ood_fast.quant QuantLinear forward), or the reason it cannot run."""
+    ops, why = _ops_or_reason()
+    if why:
+        return why
+    label = f"ours {backend}" if backend else "ours (auto)"
+    n = case.n
+    # The kernel rows skip the ops' NaN/Inf scan of the input (``check_finite=False``: one
+    # extra read of x, which the bandwidth bars are not about); role "scan" times the default.
+    fin = {} if role == "scan" else _no_scan(ops)
+    if role == "scan":
+        label += " + NaN scan (default)"
+
+    if case.op == "hadamard":
+
+        def prepare(inp):
+            return {"out": torch.empty_like(inp["x"])}
+
+        def score(st, x):
+            return ops.hadamard(x, out=st["out"][: x.shape[0]], backend=backend, **fin)
+
+        def check(st, inp):
+            x = inp["x"][:QUANT_CHECK_ROWS]
+            got = score(st, x)
+            err = _rel(got, _hadamard_ref(x))
+            if not err < 1e-4:
+                raise AssertionError(f"hadamard disagrees with float64 x@H: max rel diff {err:.2e}")
+            return {"max_rel_diff": err}
+
+        return QuantCandidate(
+            label,
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role=role,
+            backend=backend,
+            sliced=True,
+        )
+
+    if case.op == "rotate_quantize":
+
+        def prepare(inp):
+            x = inp["x"]
+            rot = ops.random_hadamard(n, seed=0)
+            out = ops.QuantizedTensor(
+                codes=torch.empty(x.shape, dtype=torch.int8),
+                scale=torch.empty(x.shape[0], dtype=torch.float32),
+                zero_point=None,
+                bits=8,
+                symmetric=True,
+            )
+            return {"rot": rot, "out": out}
+
+        def score(st, x):
+            o, r = st["out"], x.shape[0]
+            buf = o._replace(codes=o.codes[:r], scale=o.scale[:r])
+            return ops.rotate_quantize(
+                x, st["rot"], granularity="per_token", out=buf, backend=backend, **fin
+            )
+
+        def check(st, inp):
+            x = inp["x"][:QUANT_CHECK_ROWS]
+            q = score(st, x)
+            signs = getattr(st["rot"], "signs", None)
+            y = _hadamard_ref(x, signs)
+            s_ref = y.abs().amax(dim=1) / 127.0
+            s_err = _rel(q.scale, s_ref)
+            steps = float((q.codes.to(torch.float64) - y / s_ref[:, None]).abs().max())
+            if not (s_err < 1e-5 and steps <= 0.5 + 1e-3):
+                raise AssertionError(
+                    f"rotate_quantize disagrees with float64: scale rel diff {s_err:.2e}, "
+                    f"max |code − y/scale| {steps:.3f} (want <= 0.5)"
+                )
+            return {"scale_rel_diff": s_err, "max_code_err": steps}
+
+        return QuantCandidate(
+            label + " random H",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role=role,
+            backend=backend,
+            sliced=True,
+        )
+
+    # int8_linear
+    def exact_check(got, inp, sx=None):
+        r = QUANT_CHECK_ROWS
+        acc = inp["qx"][:r].to(torch.int64) @ inp["qw"].to(torch.int64).T
+        sx = inp["sx"][:r] if sx is None else sx
+        ref = acc.to(torch.float64) * sx.to(torch.float64)[:, None]
+        ref = ref * inp["sw"].to(torch.float64)[None, :] + inp["b"].to(torch.float64)
+        err = _rel(got, ref)
+        if not err < 1e-5:
+            raise AssertionError(
+                f"int8_linear disagrees with the int64 GEMM: max rel diff {err:.2e}"
+            )
+        return {"max_rel_diff": err}
+
+    def fp_check(got, inp):
+        r = QUANT_CHECK_ROWS
+        ref = inp["x"][:r].to(torch.float64) @ inp["w"].to(torch.float64).T + inp["b"]
+        s = sqnr_db(got, ref)
+        if not s > 20.0:
+            raise AssertionError(f"W8A8 linear SQNR vs float64 only {s:.1f} dB (want > 20)")
+        return {"sqnr_db": s}
+
+    if role == "op":
+
+        def prepare(inp):
+            return {"out": torch.empty(case.rows, case.n_out)}
+
+        def score(st, qx):
+            inp, r = case.inputs, qx.shape[0]
+            return ops.int8_linear(
+                qx,
+                inp["sx"][:r],
+                inp["qw"],
+                inp["sw"],
+                inp["b"],
+                out=st["out"][:r],
+                backend=backend,
+            )
+
+        return QuantCandidate(
+            label + " int8_linear (int8 in)",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            lambda st, inp: exact_check(score(st, inp["qx"][:QUANT_CHECK_ROWS]), inp),
+            input_key="qx",
+            backend=backend,
+            sliced=True,
+        )
+
+    if role == "w8a8":
+
+        def prepare(inp):
+            rot = ops.random_hadamard(n, seed=0)
+            w_rot = (inp["w"].to(torch.float64) @ rot.matrix(torch.float64)).to(torch.float32)
+            qw, sw = ops.quantize_weight(w_rot)
+            qbuf = ops.QuantizedTensor(
+                codes=torch.empty(case.rows, n, dtype=torch.int8),
+                scale=torch.empty(case.rows, dtype=torch.float32),
+                zero_point=None,
+                bits=8,
+                symmetric=True,
+            )
+            return {
+                "rot": rot,
+                "qw": qw,
+                "sw": sw,
+                "q": qbuf,
+                "out": torch.empty(case.rows, case.n_out),
+            }
+
+        def score(st, x):
+            r, o = x.shape[0], st["q"]
+            q = ops.rotate_quantize(
+                x,
+                st["rot"],
+                out=o._replace(codes=o.codes[:r], scale=o.scale[:r]),
+                backend=backend,
+                **fin,
+            )
+            return ops.int8_linear(
+                q.codes,
+                q.scale,
+                st["qw"],
+                st["sw"],
+                case.inputs["b"],
+                out=st["out"][:r],
+                backend=backend,
+            )
+
+        return QuantCandidate(
+            label + " W8A8 linear (H + quantize + int8 GEMM, fp32 in/out)",
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
+            role="w8a8",
+            backend=backend,
+            sliced=True,
+        )
+
+    # role == "quantlinear": the model layer, as a user calls it
+    try:
+        from .quant.linear import quantize_linear
+    except Exception as exc:
+        return (
+            f"ood_fast.quant.linear.quantize_linear is not available ({type(exc).__name__}: {exc})"
+        )
+
+    def prepare(inp):
+        lin = torch.nn.Linear(n, case.n_out)
+        with torch.no_grad():
+            lin.weight.copy_(inp["w"])
+            lin.bias.copy_(inp["b"])
+        return {"layer": quantize_linear(lin, rotation=ops.random_hadamard(n, seed=0))}
+
+    def score(st, x):
+        with torch.no_grad():
+            if backend is None:
+                return st["layer"](x)
+            from . import _backend
+
+            with _backend.use_backend(backend):
+                return st["layer"](x)
+
+    return QuantCandidate(
+        label + " QuantLinear(rotation=H) forward",
+        "ours",
+        case.name,
+        case.op,
+        prepare,
+        score,
+        lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
+        role="w8a8",
+        backend=backend,
+        sliced=True,
+    )
+
+
+def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantCandidate | str:
+    """Peer ``name`` of ``case`` (QUANT_PEERS), or the reason it cannot run."""
+    from . import peers as P
+
+    if name == "copy":
+        return _copy_candidate(case)
+    if name == "dense":
+        if case.op != "hadamard":
+            return "a dense x@H peer only for the hadamard cases"
+        if _hadamard_k(case.n) == 0:
+            return f"n={case.n} has no Hadamard matrix"
+
+        def prepare(inp):
+            return {"H": P.dense_hadamard_matrix(case.n), "out": torch.empty_like(inp["x"])}
+
+        def score(st, x):
+            return torch.matmul(x, st["H"], out=st["out"][: x.shape[0]])
+
+        def check(st, inp):
+            x = inp["x"][:QUANT_CHECK_ROWS]
+            err = _rel(score(st, x), _hadamard_ref(x))
+            if not err < 1e-4:
+                raise AssertionError(f"dense x@H disagrees with float64: {err:.2e}")
+            return {"max_rel_diff": err}
+
+        return QuantCandidate(
+            QUANT_PEER_LABELS["dense"],
+            "peer",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role="dense",
+            peer="dense",
+            sliced=True,
+        )
+    if case.op != "int8_linear":
+        return f"{QUANT_PEER_LABELS[name]}: only for the int8_linear case"
+
+    def fp_ref(inp):
+        r = QUANT_CHECK_ROWS
+        return inp["x"][:r].to(torch.float64) @ inp["w"].to(torch.float64).T + inp["b"]
+
+    if name == "torch_fp32":
+        import torch.nn.functional as F
+
+        def score(st, x):
+            return F.linear(x, st["w"], st["b"])
+
+        def check(st, inp):
+            err = _rel(score(st, inp["x"][:QUANT_CHECK_ROWS]), fp_ref(inp))
+            if not err < 1e-4:
+                raise AssertionError(f"F.linear disagrees with float64: {err:.2e}")
+            return {"max_rel_diff": err}
+
+        return QuantCandidate(
+            QUANT_PEER_LABELS[name],
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: {"w": inp["w"], "b": inp["b"]},
+            score,
+            check,
+            role=name,
+            peer=name,
+        )
+    if name == "torch_int8":
+        engine = engine or "fbgemm"
+        inp0 = case.inputs
+        f = P.torch_dynamic_int8_linear(inp0["w"], inp0["b"], engine=engine)
+        if isinstance(f, str):
+            return f
+
+        def check(st, inp):
+            s = sqnr_db(st(inp["x"][:QUANT_CHECK_ROWS]), fp_ref(inp))
+            if not s > 20.0:
+                raise AssertionError(f"torch int8 Linear SQNR only {s:.1f} dB")
+            return {"sqnr_db": s}
+
+        return QuantCandidate(
+            f"{QUANT_PEER_LABELS[name]} ({engine})",
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: f,
+            lambda st, x: st(x),
+            check,
+            role=name,
+            peer=name,
+            engine=engine,
+        )
+    if name == "int_mm":
+        f = P.torch_int_mm_linear(case.inputs["qw"])
+        if isinstance(f, str):
+            return f
+
+        def check(st, inp):
+            r = QUANT_CHECK_ROWS
+            ref = inp["qx"][:r].to(torch.int64) @ inp["qw"].to(torch.int64).T
+            if not torch.equal(st(inp["qx"][:r]).to(torch.int64), ref):
+                raise AssertionError("torch._int_mm disagrees with the int64 GEMM")
+            return {"max_rel_diff": 0.0}
+
+        return QuantCandidate(
+            QUANT_PEER_LABELS[name],
+            "peer",
+            case.name,
+            case.op,
+            lambda inp: f,
+            lambda st, x: st(x),
+            check,
+            input_key="qx",
+            role=name,
+            peer=name,
+        )
+    raise ValueError(f"unknown quant peer {name!r}; expected one of {QUANT_PEERS}")
+
+
+def quant_candidates(
+    case: QuantCase,
+    backends: Sequence[str | None] | None = None,
+    peers: Sequence[str] = QUANT_PEERS,
+    dense_ns: Sequence[int] = (4096,),
+    quantlinear: bool = True,
+) -> tuple[list[QuantCandidate], list[tuple[str, str]]]:
+    """Every candidate of ``case`` and [(name, why it does not run)]. ``backends``: ours on
+    each (None in the list, or ``backends=None``: the automatic selection); ``dense_ns``: the
+    Hadamard sizes that get the (slow) dense x@H peer; ``quantlinear``: also time a QuantLinear
+    forward when ood_fast.quant has one."""
+    bad = [p for p in peers if p not in QUANT_PEERS]
+    if bad:
+        raise ValueError(f"unknown quant peers {bad}; expected some of {QUANT_PEERS}")
+    out: list[QuantCandidate] = []
+    skipped: list[tuple[str, str]] = []
+
+    def add(c, what):
+        if isinstance(c, str):
+            skipped.append((f"{case.name}: {what}", c))
+        else:
+            out.append(c)
+
+    roles = ["op"]
+    if case.op == "int8_linear":
+        roles += ["w8a8"] + (["quantlinear"] if quantlinear else [])
+    else:
+        roles.append("scan")
+    for b in list(backends) if backends is not None else [None]:
+        for role in roles:
+            c = _quant_ours(case, b, role)
+            if role == "quantlinear" and isinstance(c, str):
+                skipped.append((f"{case.name}: QuantLinear forward", c))
+                continue
+            add(c, f"ours {b or '(auto)'}" + (f" {role}" if role != "op" else ""))
+    for p in peers:
+        if (p in ("torch_fp32", "torch_int8", "int_mm")) != (case.op == "int8_linear"):
+            continue
+        if p == "dense" and (case.op != "hadamard" or case.n not in dense_ns):
+            continue
+        if p == "torch_int8":
+            from . import peers as P
+
+            engines = P.quantized_engines()
+            if not engines:
+                skipped.append((f"{case.name}: torch int8", "no fbgemm/onednn quantized engine"))
+            for e in engines:
+                add(_quant_peer(case, p, e), f"torch int8 ({e})")
+            continue
+        add(_quant_peer(case, p), QUANT_PEER_LABELS[p])
+    return out, skipped
+
+
+def quant_rows_for_budget(
+    cand: QuantCandidate, state, x: torch.Tensor, budget: float, runs: int
+) -> int:
+    """Rows of x to time ``cand`` on: all of them, unless ``cand.sliced`` and ``runs`` calls on
+    all rows would overrun ``budget`` seconds; then the first rows that fit (the time is scaled
+    linearly, like the slow Mahalanobis and KNN peers). Estimated from a call on the first
+    rows; when that says one full call would fit the budget, a full call decides (a small
+    probe overstates the per-row cost of a fast kernel)."""
+    N = x.shape[0]
+    if not cand.sliced or cand.fixed_bytes:
+        return N
+    runs = max(1, runs)
+    p = min(N, max(QUANT_CHECK_ROWS, N // 16))
+    t0 = time.perf_counter()
+    cand.score(state, x[:p])
+    per_row = max(time.perf_counter() - t0, 1e-9) / p
+    if per_row * N * runs <= budget:
+        return N
+    if p < N and per_row * N <= budget:
+        t0 = time.perf_counter()
+        cand.score(state, x)
+        per_row = max(time.perf_counter() - t0, 1e-9) / N
+    n = int(budget / runs / per_row)
+    return N if n >= N else max(min(p, N), n)
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+
+
+def setup_quant_candidate(
+    cand: QuantCandidate, case: QuantCase, *, repeats: int = 5, budget: float = 5.0
+) -> tuple[dict, Any, torch.Tensor | None]:
+    """Prepare and check (untimed) one candidate, and choose the rows to time it on:
+    (row, state, x to time on); state None when it failed (the row says why)."""
+    row = cand.info()
+    try:
+        inp = case.inputs
+        state = cand.prepare(inp)
+        with record_backends() as used:
+            if cand.check is not None:
+                row.update(cand.check(state, inp))
+        row["backend_used"] = _used_str(used)
+        x = inp[cand.input_key]
+        N = x.shape[0]
+        rows = quant_rows_for_budget(cand, state, x, budget, max(1, min(repeats, 3)) + 1)
+        row["rows"] = rows
+        row["n_total"] = N
+        row["scale_to_full"] = 1.0 if cand.fixed_bytes else N / rows
+        row["scaled_from_rows"] = rows if rows < N else None
+        return row, state, x[:rows]
+    except Exception as exc:  # a failing candidate is a row with its error, not a dead run
+        row["status"] = "error"
+        row["error"] = _error(exc)
+        return row, None, None
+
+
+def _finish_row(row: dict, t: Timing, case: QuantCase) -> None:
+    scale = row["scale_to_full"]
+    row["time_s"] = t.median * scale
+    row["min_s"] = t.min * scale
+    row["timing"] = t.as_dict()
+    _add_rates(row, case)
+    row["status"] = "ok"
+
+
+def run_quant_candidate(
+    cand: QuantCandidate, case: QuantCase, *, repeats: int = 5, budget: float = 5.0
+) -> dict:
+    """Prepare, check (untimed), time one candidate alone; its row (never raises)."""
+    row, state, xt = setup_quant_candidate(cand, case, repeats=repeats, budget=budget)
+    if state is None:
+        return row
+    try:
+        t, _ = time_call(lambda: cand.score(state, xt), repeats=repeats, budget=budget)
+        _finish_row(row, t, case)
+    except Exception as exc:
+        row["status"] = "error"
+        row["error"] = _error(exc)
+    return row
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], Any]], *, repeats: int = 5, budget: float = 5.0
+) -> list[Timing | BaseException]:
+    """Time several calls interleaved: a warm-up of each, then rounds of one call of each, until
+    every one has ``repeats`` runs or the timed total passes ``budget`` × their number (each
+    gets at least one run; one whose warm-up alone passed ``budget`` keeps that as its
+    measurement and sits out the rounds). On a machine shared with other jobs the candidates
+    of a case then see the same load, so their ratios hold better than with back-to-back
+    timing. A call that raises gets its exception in its slot."""
+    out: list[Timing | BaseException | None] = [None] * len(fns)
+    warm: dict[int, float] = {}
+    times: dict[int, list[float]] = {}
+    for i, f in enumerate(fns):
+        try:
+            t0 = time.perf_counter()
+            f()
+            warm[i] = time.perf_counter() - t0
+        except Exception as exc:
+            out[i] = exc
+            continue
+        if warm[i] > budget:
+            out[i] = Timing(warm[i], warm[i], 1, warm[i])
+        else:
+            times[i] = []
+    total, limit = 0.0, budget * max(1, len(times))
+    while times:
+        active = [i for i, ts in times.items() if len(ts) < max(1, repeats)]
+        if not active:
+            break
+        for i in active:
+            try:
+                t0 = time.perf_counter()
+                fns[i]()
+                dt = time.perf_counter() - t0
+            except Exception as exc:
+                out[i] = exc
+                times.pop(i)
+                continue
+            times[i].append(dt)
+            total += dt
+        if total > limit and all(len(ts) >= 1 for ts in times.values()):
+            break
+    for i, ts in times.items():
+        out[i] = Timing(statistics.median(ts), min(ts), len(ts), warm[i])
+    return out  # type: ignore[return-value]
+
+
+def run_quant_case(
+    case: QuantCase,
+    cands: Sequence[QuantCandidate],
+    *,
+    repeats: int = 5,
+    budget: float = 5.0,
+    progress=None,
+) -> list[dict]:
+    """Every candidate of one case: set up and checked one by one, then timed round-robin
+    (``time_round_robin``); rows in the candidates' order (never raises)."""
+    rows, ready = [], []
+    for c in cands:
+        if progress is not None:
+            progress.set_postfix_str(f"{case.name}: {c.name}")
+        row, state, xt = setup_quant_candidate(c, case, repeats=repeats, budget=budget)
+        rows.append(row)
+        if state is not None:
+            ready.append((row, lambda c=c, state=state, xt=xt: c.score(state, xt)))
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.set_postfix_str(f"{case.name}: timing")
+    timings = time_round_robin([f for _, f in ready], repeats=repeats, budget=budget)
+    for (row, _), t in zip(ready, timings, strict=True):
+        if isinstance(t, BaseException):
+            row["status"] = "error"
+            row["error"] = _error(t)
+        else:
+            _finish_row(row, t, case)
+    return rows
+
+
+def _add_rates(row: dict, case: QuantCase) -> None:
+    t = row["time_s"]
+    row["bytes"] = case.bytes
+    if case.op == "int8_linear":
+        row["gops"] = case.ops / t / 1e9
+    else:
+        row["gbps"] = case.bytes / t / 1e9
+
+
+def add_quant_speedups(rows: list[dict], cases: Sequence[QuantCase]) -> None:
+    """Per case, on our rows: speedup[role] = the fastest peer of that role's time / ours (same
+    run; "torch_int8": the faster quantized engine) and bars[role] = {bar, ratio, ok} for the
+    issue's performance bars (QUANT_BARS)."""
+    by_name = {c.name: c for c in cases}
+    for cname in dict.fromkeys(r["case"] for r in rows):
+        rs = [r for r in rows if r["case"] == cname and r.get("status") == "ok"]
+        best: dict[str, float] = {}
+        for r in rs:
+            if r["kind"] == "peer":
+                best[r["role"]] = min(best.get(r["role"], math.inf), r["time_s"])
+        for r in rs:
+            if r["kind"] != "ours":
+                continue
+            r["speedup"] = {p: t / r["time_s"] for p, t in best.items()}
+            case = by_name.get(cname)
+            if case is not None:
+                r["bars"] = {  # the bars whose peer ran in this case (dense: n = 4096 only)
+                    p: {"bar": bar, "ratio": r["speedup"][p], "ok": r["speedup"][p] >= bar}
+                    for p, bar in case.bars(r["role"]).items()
+                    if p in r["speedup"]
+                }
+
+
+# --------------------------------------------------------------------------------- SQNR part
+
+
+def sqnr_linear(
+    x_cal: torch.Tensor,
+    x_test: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    methods: Sequence[str] = QUANT_METHODS,
+    granularities: Sequence[str] = QUANT_GRANULARITIES,
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """W8A8 SQNR (dB) of ``y = x Wᵀ`` on ``x_test [T, n]`` for every method × granularity:
+    {method: {granularity: dB}}, measured by the one definition,
+    ``ood_fast.quant.synthetic.evaluate_linear_w8a8`` (calibrated on ``x_cal``: covariance,
+    smoothing scales, the static per-tensor scale; weights int8 per output channel through
+    ``ops.quantize_weight``, activations through ``ops.rotate_quantize``, ŷ by
+    ``ops.int8_linear``, y in float64). Methods QUANT_METHODS, granularities "per_tensor"
+    (static) and "per_token" (dynamic)."""
+    from .quant.synthetic import evaluate_linear_w8a8
+
+    bad = [m for m in methods if m not in QUANT_METHODS]
+    bad += [g for g in granularities if g not in QUANT_GRANULARITIES]
+    if bad:
+        raise ValueError(f"unknown methods/granularities {bad}")
+    return {
+        m: {
+            g: evaluate_linear_w8a8(x_cal, x_test, weight, m, g, alpha=alpha, seed=seed)
+            for g in granularities
+        }
+        for m in methods
+    }
+
+
+def quant_sqnr_sources(preset: str = "default") -> tuple[list[dict], list[tuple[str, str]]]:
+    """The SQNR data: [dict(name, x_cal, x_test, weight, bias)] and [(source, why missing)]:
+    the synthetic outlier layer (ood_fast.quant.synthetic) and the linears of a random Mamba
+    block with injected outliers (ood_fast.quant)."""
+    p = QUANT_PRESETS[preset]
+    sources: list[dict] = []
+    skipped: list[tuple[str, str]] = []
+    for name, fn, spec in (
+        ("synthetic", _synthetic_sources, p["sqnr_synthetic"]),
+        ("mamba", _mamba_sources, p["sqnr_mamba"]),
+    ):
+        try:
+            sources += fn(**spec)
+        except Exception as exc:
+            skipped.append((f"SQNR {name}", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+    return sources, skipped
+
+
+def _synthetic_sources(dim: int, n_calib: int, n_test: int, seed: int = 0) -> list[dict]:
+    """The synthetic outlier layer of ``ood_fast.quant.synthetic.make_synthetic_linear``
+    (Student-t ν = 3 tokens, spiked covariance (400, 200, 100, 50) spread over all channels by
+    a Haar rotation, 4 weight rows ×20)."""
+    from .quant.synthetic import make_synthetic_linear
+
+    p = make_synthetic_linear(dim=dim, n_calib=n_calib, n_test=n_test, seed=seed)
+    return [
+        {
+            "name": f"synthetic outliers (n={dim})",
+            "x_cal": p.x_calib,
+            "x_test": p.x_test,
+            "weight": p.weight,
+            "bias": None,
+        }
+    ]
+
+
+def _mamba_sources(d_model: int, tokens: int, seed: int = 0) -> list[dict]:
+    """The inputs of the linears of the last block of ``ood_fast.quant.mamba.random_mamba`` (2
+    layers, its default outliers: 4 channels ×20 in the residual stream and the in_proj x/z
+    rows, a spiked heavy-tailed residual covariance), captured with forward hooks on random
+    token ids: 4·``tokens`` calibration tokens (the first sequences) and ``tokens`` test tokens
+    (later sequences), for in_proj (n = d_model), x_proj and out_proj
+    (n = 2·d_model, out_proj's input is the gated SSM output)."""
+    from .quant.mamba import MambaConfig, random_mamba
+
+    cfg = MambaConfig(d_model=d_model, n_layer=2, vocab_size=512)
+    model = random_mamba(cfg, seed=seed, outlier_channels=4, outlier_scale=20.0).eval()
+    mixer = model.backbone.layers[-1].mixer
+    seq = 128
+    n_test = max(1, tokens // seq)
+    batch = 5 * n_test  # calibration 4× the test tokens, as the synthetic layer (ν = 3 tails)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        getattr(mixer, name).register_forward_hook(
+            lambda mod, args, out, name=name: seen.__setitem__(name, args[0].detach())
+        )
+        for name in ("in_proj", "x_proj", "out_proj")
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for name in ("in_proj", "x_proj", "out_proj"):
+        x = seen[name].reshape(batch, seq, -1).float()
+        half = batch - n_test
+        lin = getattr(mixer, name)
+        out.append(
+            {
+                "name": f"mamba block {name} (d_model={d_model})",
+                "x_cal": x[:half].reshape(-1, x.shape[-1]),
+                "x_test": x[half:].reshape(-1, x.shape[-1]),
+                "weight": lin.weight.detach().float(),
+                "bias": None if lin.bias is None else lin.bias.detach().float(),
+            }
+        )
+    return out
+
+
+def run_quant_sqnr(preset: str = "default", progress: bool = True) -> tuple[list[dict], list]:
+    """[dict(source, n, tokens, sqnr={method: {granularity: dB}})] and the skipped sources."""
+    sources, skipped = quant_sqnr_sources(preset)
+    rows = []
+    for s in sources:
+        try:
+            if s.get("bias") is not None:  # the measurement is of x Wᵀ: a bias adds nothing
+                raise ValueError("a linear with a bias: not measured")
+            t = sqnr_linear(s["x_cal"], s["x_test"], s["weight"])
+            rows.append(
+                {
+                    "source": s["name"],
+                    "n": int(s["weight"].shape[1]),
+                    "n_out": int(s["weight"].shape[0]),
+                    "tokens": int(s["x_test"].shape[0]),
+                    "sqnr": t,
+                    "status": "ok",
+                }
+            )
+        except Exception as exc:
+            rows.append(
+                {
+                    "source": s["name"],
+                    "status": "error",
+                    "error": f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300],
+                }
+            )
+    return rows, skipped
+
+
+def run_quant(
+    preset: str = "default",
+    *,
+    backends: Sequence[str | None] | None = None,
+    peers: Sequence[str] = QUANT_PEERS,
+    ops_: Sequence[str] = QUANT_OPS,
+    threads: int | None = None,
+    repeats: int = 5,
+    budget: float = 5.0,
+    sqnr: bool = True,
+    progress: bool = True,
+) -> dict:
+    """The quantization benchmark: dict(meta, rows, sqnr, skipped, table) (see the section
+    comment). ``backends``: ours on each (default: the automatic selection only)."""
+    import gc
+
+    from tqdm import tqdm
+
+    cases = quant_cases(preset, ops_)
+    load_before = _loadavg()
+    dense_ns = QUANT_PRESETS[preset]["dense_ns"]
+    with pinned_threads(threads):
+        plan, skipped = [], []
+        for case in cases:
+            cs, sk = quant_candidates(case, backends, peers, dense_ns)
+            plan.append((case, cs))
+            skipped += sk
+        bar = tqdm(
+            total=sum(len(cs) for _, cs in plan) + (1 if sqnr else 0),
+            file=sys.stderr,
+            disable=not progress,
+            desc="ood-fast bench quant",
+            unit="step",
+            leave=False,
+        )
+        rows: list[dict] = []
+        for case, cs in plan:
+            rows += run_quant_case(case, cs, repeats=repeats, budget=budget, progress=bar)
+            case._inputs = None  # 64 MB inputs: one case alive at a time
+            gc.collect()
+        add_quant_speedups(rows, cases)
+        sqnr_rows: list[dict] = []
+        if sqnr:
+            bar.set_postfix_str("SQNR")
+            sqnr_rows, sk = run_quant_sqnr(preset, progress)
+            skipped += sk
+            bar.update()
+        bar.close()
+        meta = {
+            "workload": {"workload": "quant", "name": preset, "cases": [c.meta() for c in cases]},
+            "environment": environment(),
+            "repeats": repeats,
+            "budget_s": budget,
+            "loadavg_before": load_before,
+            "bars": QUANT_BARS,
+        }
+    result = {
+        "meta": meta,
+        "rows": rows,
+        "sqnr": sqnr_rows,
+        "skipped": [list(s) for s in skipped],
+    }
+    result["table"] = render_quant(result)
+    return result
+
+
+_QUANT_VS = (
+    ("copy", "vs copy"),
+    ("dense", "vs dense"),
+    ("torch_fp32", "vs F.linear"),
+    ("torch_int8", "vs torch int8"),
+    ("int_mm", "vs _int_mm"),
+)
+
+
+def render_quant(result: dict) -> str:
+    """The kernel speed table (one per op: ours and the peers per case, GB/s or GOP/s, ratios
+    peer time / ours, the bars) and the SQNR tables (one per granularity)."""
+    rows, meta = result["rows"], result["meta"]
+    env = meta["environment"]
+    out = [
+        f"ood-fast bench — quant ({meta['workload']['name']}): rotation-quantization kernels "
+        "and W8A8 SQNR",
+        f"{env['cpu_model']}, {env['threads']} threads, torch {env['torch']}"
+        + (f", {env['gpu']}" if env.get("gpu") else ""),
+    ]
+    notes: list[str] = []
+    titles = {
+        "hadamard": "hadamard (fp32, out= buffer): GB/s = bytes read + written / time",
+        "rotate_quantize": "rotate_quantize (random Hadamard, per token, fp32 -> int8 + fp32 "
+        "scales, out= buffers): GB/s = bytes read + written / time",
+        "int8_linear": "int8_linear: GOP/s = 2·M·N·K / time (ours on int8 inputs; W8A8 and the "
+        "torch peers: fp32 in, fp32 out)",
+    }
+    bar_lines: list[str] = []
+    for op in QUANT_OPS:
+        rs = [r for r in rows if r["op"] == op]
+        if not rs:
+            continue
+        unit = "GOP/s" if op == "int8_linear" else "GB/s"
+        vs = [(k, h) for k, h in _QUANT_VS if any(r.get("role") == k for r in rs)]
+        headers = ["case", "candidate", "backend", "ms", unit, *[h for _, h in vs], "check"]
+        body = []
+        for r in rs:
+            case = r["case"].split(" fp32")[0].split(" H per")[0]
+            name = r["candidate"]
+            if r.get("status") != "ok":
+                notes.append(f"{r['case']}: {name}: failed: {r.get('error')}")
+                body.append([case, name, "-", "failed", *["-"] * (len(headers) - 4)])
+                continue
+            ms = f"{r['time_s'] * 1e3:.3g}"
+            if r.get("scaled_from_rows"):
+                mark = "*" * (1 + sum(1 for x in notes if x.startswith("*")))
+                ms += mark
+                notes.append(
+                    f"{mark} {name} ({r['case']}): timed on {r['rows']:,} of {r['n_total']:,} "
+                    "rows, scaled linearly"
+                )
+            rate = r.get("gops") if op == "int8_linear" else r.get("gbps")
+            sp = r.get("speedup", {})
+            check = (
+                f"SQNR {r['sqnr_db']:.1f} dB"
+                if "sqnr_db" in r
+                else _fmt_e(r.get("max_rel_diff", r.get("scale_rel_diff")))
+            )
+            body.append(
+                [
+                    case,
+                    name,
+                    r.get("backend_used") or r.get("engine") or "-",
+                    ms,
+                    f"{rate:.3g}" if rate is not None else "-",
+                    *[_fmt_x(sp.get(k)) if r["kind"] == "ours" else "" for k, _ in vs],
+                    check,
+                ]
+            )
+            for p, b in (r.get("bars") or {}).items():
+                if b["ratio"] is None:
+                    continue
+                label = dict(_QUANT_VS)[p].removeprefix("vs ")
+                bar_lines.append(
+                    f"  {'ok  ' if b['ok'] else 'MISS'} {r['case']}: {name} "
+                    f"{_fmt_x(b['ratio'])} {label} (bar >= {b['bar']:g}×)"
+                )
+        out += ["", titles[op], table(headers, body, right=set(range(3, len(headers) - 1)))]
+    if bar_lines:
+        out += ["", "performance bars (peer time / ours, same run):", *bar_lines]
+    sq = result.get("sqnr") or []
+    if sq:
+        for g, title in (
+            ("per_tensor", "static per-tensor activations (scale calibrated)"),
+            ("per_token", "dynamic per-token activations"),
+        ):
+            headers = ["layer", "n", *QUANT_METHODS]
+            body = []
+            for s in sq:
+                if s.get("status") != "ok":
+                    continue
+                body.append(
+                    [
+                        s["source"],
+                        str(s["n"]),
+                        *[_fmt_f(s["sqnr"].get(m, {}).get(g), 1) for m in QUANT_METHODS],
+                    ]
+                )
+            out += ["", f"SQNR dB, W8A8 (weights int8 per channel), {title}", table(headers, body)]
+        notes += [
+            f"SQNR {s['source']}: failed: {s['error']}" for s in sq if s.get("status") != "ok"
+        ]
+    out += [
+        "",
+        "ms: median time (a warm-up, then rounds of one call of each candidate of the case, up "
+        "to the repeats within the budget); vs <peer>: that "
+        "peer's time / ours (same run; torch int8: its faster quantized engine); backend: the "
+        "one that ran, per op; check: max rel diff vs float64 (int GEMMs: vs an int64 GEMM) or "
+        "SQNR vs float64, on the first rows.",
+        *notes,
+    ]
+    load = meta.get("loadavg_before")
+    if load is not None and load > 1.0:
+        out.append(
+            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
+            "other processes were using the CPU; times are noisy (ratios less so)"
+        )
+    for name, why in result.get("skipped", []):
+        out.append(f"not run: {name}: {why}")
+    return "\n".join(out)

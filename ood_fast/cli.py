@@ -1,6 +1,6 @@
 """The ``ood-fast`` command line (also ``python -m ood_fast``).
 
-    ood-fast bench [--workload mahalanobis|knn] [--preset cifar10|imagenet|quick] [--quick]
+    ood-fast bench [--workload mahalanobis|knn|quant] [--preset cifar10|imagenet|quick] [--quick]
                    [--covariance tied|per_class|diagonal] [--backends cpu,torch,...]
                    [--peers openood,pytorch_ood,torch,sklearn | faiss_l2,faiss_ip,torch,sklearn]
                    [--precisions fp32,bf16] [--k K] [--threads N] [--json PATH] [--gpu]
@@ -72,6 +72,8 @@ def cmd_bench(args) -> int:
 
     if args.workload == "knn":
         return _bench_knn(args)
+    if args.workload == "quant":
+        return _bench_quant(args)
     if args.k is not None:
         raise UserError("--k applies to --workload knn only")
     if args.gpu:
@@ -152,6 +154,45 @@ def _bench_knn(args) -> int:
         budget=budget,
         batch1_repeats=50 if args.quick else 200,
         k=args.k,
+        progress=not args.no_progress,
+    )
+    return _report(res, args)
+
+
+def _bench_quant(args) -> int:
+    from . import _backend, bench
+
+    if args.gpu:
+        raise UserError("--gpu runs the Mahalanobis GPU benchmark only")
+    if args.covariance != "tied":
+        raise UserError("--covariance applies to --workload mahalanobis only")
+    if args.k is not None:
+        raise UserError("--k applies to --workload knn only")
+    preset = args.preset or ("quick" if args.quick else "default")
+    if preset not in bench.QUANT_PRESETS:
+        raise UserError(
+            f"--preset: unknown {preset!r} for --workload quant; expected one of "
+            f"{', '.join(sorted(bench.QUANT_PRESETS))}"
+        )
+    backends = None
+    if args.backends:
+        names = _csv(args.backends, ("auto", *_backend.BACKENDS), "backends")
+        backends = [None if b == "auto" else b for b in names]
+    peers = (
+        _csv(args.peers, bench.QUANT_PEERS, "peers")
+        if args.peers is not None
+        else bench.QUANT_PEERS
+    )
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    res = bench.run_quant(
+        preset,
+        backends=backends,
+        peers=peers,
+        threads=args.threads,
+        repeats=repeats,
+        budget=budget,
+        sqnr=not args.no_sqnr,
         progress=not args.no_progress,
     )
     return _report(res, args)
@@ -432,9 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--workload",
         default="mahalanobis",
-        choices=("mahalanobis", "knn"),
+        choices=("mahalanobis", "knn", "quant"),
         help="mahalanobis (default): class-conditional Gaussian scoring; knn: k-th nearest "
-        "neighbour distance to a normalized feature bank vs faiss, torch and sklearn",
+        "neighbour distance to a normalized feature bank vs faiss, torch and sklearn; quant: "
+        "the rotation-quantization kernels (hadamard, rotate_quantize, int8_linear) vs a "
+        "copy, dense x@H, F.linear and torch's int8 Linear, and a W8A8 SQNR table per method",
     )
     b.add_argument(
         "--preset",
@@ -442,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mahalanobis: cifar10 (default; 50k×512 train, 10 classes, 10k test), "
         "imagenet (1000 classes × 2048), quick. knn: cifar10 (default; 50k×512 bank, 10k "
         "queries, k=50), imagenet (256k×2048 bank, 2k queries, k=1000; the bank alone needs "
-        "~2 GB, ~6 GB at the peak), quick",
+        "~2 GB, ~6 GB at the peak), quick. quant: default (64 MB per Hadamard call, "
+        "M=2048 K=N=4096 linear), quick",
     )
     b.add_argument(
         "--quick",
@@ -453,13 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--backends",
         default=None,
-        help="comma list of cpu,triton,cuda,torch (default: every available one)",
+        help="comma list of cpu,triton,cuda,torch (default: every available one; quant: the "
+        "automatic selection, 'auto' in the list)",
     )
     b.add_argument(
         "--peers",
         default=None,
         help="comma list of openood,pytorch_ood,torch,sklearn; with --workload knn of "
-        "faiss_l2,faiss_ip,torch,sklearn (default: all; '' none)",
+        "faiss_l2,faiss_ip,torch,sklearn; with --workload quant of "
+        "copy,dense,torch_fp32,torch_int8,int_mm (default: all; '' none)",
     )
     b.add_argument(
         "--precisions",
@@ -492,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the GPU benchmark instead: triton and cuda vs cuBLAS, fp32 and bf16",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--no-sqnr", action="store_true", help="quant: the kernel timings only, no SQNR table"
+    )
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser(

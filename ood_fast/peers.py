@@ -40,6 +40,7 @@ torchvision at import time); ``pytorch_ood_available()`` returns True or the rea
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,10 @@ __all__ = [
     "sklearn_knn_fit",
     "sklearn_knn_score",
     "pytorch_ood_knn",
+    "quantized_engines",
+    "torch_dynamic_int8_linear",
+    "torch_int_mm_linear",
+    "dense_hadamard_matrix",
 ]
 
 
@@ -681,3 +686,105 @@ def pytorch_ood_knn(bank, queries, k: int = 50) -> torch.Tensor | None:
     det = KNN(None, k=int(k)).fit_features(b, torch.zeros(b.shape[0], dtype=torch.long))
     native = det.predict_features(_features(queries, "queries").detach().cpu().to(torch.float32))
     return (-(native.double() ** 2)).to(torch.float32)
+
+
+# ============================================================================ quantization peers
+#
+# What a user would pick instead of our rotation-quantization kernels on a CPU (benchmarks only;
+# none of these rotates):
+#
+# * torch's own int8 inference path: a dynamically quantized ``Linear``
+#   (``torch.ao.quantization.quantize_dynamic``: int8 weights per tensor by default,
+#   activations quantized per tensor on the fly, int32 GEMM by fbgemm or oneDNN) — fp32 in,
+#   fp32 out, like our W8A8 ``QuantLinear``;
+# * ``torch._int_mm`` (int8 × int8 -> int32, no dequantization epilogue);
+# * a dense ``x @ H`` for the Hadamard transform.
+
+
+def quantized_engines() -> tuple[str, ...]:
+    """The quantized engines this torch build can run dynamic int8 Linear on (of fbgemm,
+    onednn), in that order."""
+    have = set(torch.backends.quantized.supported_engines)
+    return tuple(e for e in ("fbgemm", "onednn") if e in have)
+
+
+class _DynamicInt8Linear:
+    """A dynamically quantized ``Linear`` bound to one quantized engine (the engine is a global
+    setting in torch: it is set for each call and restored)."""
+
+    def __init__(self, module, engine: str):
+        self.module = module
+        self.engine = engine
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        old = torch.backends.quantized.engine
+        if old != self.engine:
+            torch.backends.quantized.engine = self.engine
+        try:
+            return self.module(x)
+        finally:
+            if old != self.engine:
+                torch.backends.quantized.engine = old
+
+
+def torch_dynamic_int8_linear(weight, bias=None, engine: str = "fbgemm"):
+    """torch's CPU int8 path for ``y = x Wᵀ + b`` (weight ``[N, K]``, bias ``[N]`` or None):
+    ``torch.ao.quantization.quantize_dynamic`` of an ``nn.Linear`` with ``engine`` set while it
+    quantizes (its weight packing is engine specific) and while it runs. Returns a callable
+    ``f(x [M, K] fp32) -> [M, N] fp32``, or the reason string when the engine is missing.
+    torch's defaults: weights int8 per tensor, activations quantized per tensor on the fly."""
+    import warnings
+
+    if engine not in torch.backends.quantized.supported_engines:
+        return (
+            f"torch {torch.__version__} has no quantized engine {engine!r} "
+            f"(supported: {', '.join(torch.backends.quantized.supported_engines)})"
+        )
+    w = torch.as_tensor(weight).detach().to(torch.float32).cpu()
+    if w.ndim != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(torch.as_tensor(bias).to(torch.float32))
+    old = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        with warnings.catch_warnings():  # torch.ao.quantization warns it is deprecated
+            warnings.simplefilter("ignore")
+            q = torch.ao.quantization.quantize_dynamic(
+                torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8
+            )
+    except Exception as exc:
+        return f"quantize_dynamic with engine {engine!r} failed ({type(exc).__name__}: {exc})"
+    finally:
+        torch.backends.quantized.engine = old
+    return _DynamicInt8Linear(q[0], engine)
+
+
+def torch_int_mm_linear(qw: torch.Tensor):
+    """``torch._int_mm`` peer of an int8 GEMM: ``qx [M, K] int8 -> int32 [M, N]`` against int8
+    weights ``qw [N, K]`` (transposed once here). No dequantization: a lower bound on what a
+    torch user gets from the int8 GEMM alone. Returns the callable or the reason string."""
+    if not hasattr(torch, "_int_mm"):
+        return f"torch {torch.__version__} has no torch._int_mm"
+    wt = qw.detach().t().contiguous()
+    try:
+        torch._int_mm(torch.zeros(32, wt.shape[0], dtype=torch.int8), wt[:, :8].contiguous())
+    except Exception as exc:
+        return f"torch._int_mm does not run on this device ({type(exc).__name__}: {exc})"
+    return lambda qx: torch._int_mm(qx, wt)
+
+
+def dense_hadamard_matrix(n: int, signs=None) -> torch.Tensor:
+    """The dense orthonormal Hadamard ``diag(signs) H / sqrt(n)`` as fp32 ``[n, n]`` (from the
+    one definition in ``ood_fast.reference.hadamard``): the ``x @ H`` a user without a fast
+    transform writes (``torch.matmul(x, H, out=...)``)."""
+    from .reference.hadamard import hadamard_matrix
+
+    h = hadamard_matrix(n, dtype=torch.float64) / math.sqrt(n)
+    if signs is not None:
+        h = torch.as_tensor(signs).to(torch.float64)[:, None] * h
+    return h.to(torch.float32).contiguous()

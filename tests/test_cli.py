@@ -269,3 +269,95 @@ def test_score_knn(tmp_path, feature_files, capsys):
     assert_clean_error_in_process(
         capsys, "score", "--train", str(train), "--test", str(test), "--k", "5", "--out", str(out)
     )
+
+
+def test_bench_quant_quick_json(tmp_path):
+    """``bench --workload quant --quick``: the kernel table (ours and the peers of every op,
+    with the backend that ran and the bars) and the SQNR tables, text and JSON. Structure, not
+    speed."""
+    from ood_fast import bench
+
+    path = tmp_path / "quant.json"
+    r = ood_fast(
+        "bench",
+        "--workload",
+        "quant",
+        "--quick",
+        "--repeats",
+        "1",
+        "--budget",
+        "0.2",
+        "--json",
+        str(path),
+        "--no-progress",
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for title in ("hadamard", "rotate_quantize", "int8_linear", "performance bars", "SQNR dB"):
+        assert title in out, out
+    for col in ("vs copy", "vs dense", "vs F.linear", "vs torch int8", "GB/s", "GOP/s"):
+        assert col in out, out
+    res = json.loads(path.read_text())
+    assert res["meta"]["workload"]["workload"] == "quant"
+    assert res["meta"]["environment"]["threads"] >= 1
+    rows = res["rows"]
+    failed = [row for row in rows if row["status"] != "ok"]
+    assert not failed, failed
+    quick = bench.QUANT_PRESETS["quick"]
+    want_cases = {c.name for c in bench.quant_cases("quick")}
+    assert {row["case"] for row in rows} == want_cases
+    assert len(want_cases) == len(quick["hadamard_ns"]) + len(quick["rq_ns"]) + 1
+    for case in want_cases:
+        rs = [row for row in rows if row["case"] == case]
+        ours = [row for row in rs if row["kind"] == "ours"]
+        peers = {row["role"] for row in rs if row["kind"] == "peer"}
+        assert ours and peers, rs
+        for row in ours:
+            assert row["backend_used"] in ("cpu", "torch") or "=" in row["backend_used"], row
+            assert set(row["speedup"]) == peers, row
+            if row["role"] in ("op", "w8a8"):  # the issue's bars, judged against peers that ran
+                assert row["bars"], row
+                assert all(b["ok"] in (True, False) for b in row["bars"].values()), row
+            else:  # the default-scan rows: no bar
+                assert row["role"] == "scan" and row["bars"] == {}, row
+            assert row["time_s"] > 0
+        if case.startswith("int8_linear"):
+            assert {"torch_fp32", "int_mm"} <= peers
+            assert {row["role"] for row in ours} == {"op", "w8a8"}
+            assert any("QuantLinear" in row["candidate"] for row in ours)
+            for row in rs:
+                assert row["gops"] > 0
+                if "sqnr_db" in row:
+                    assert row["sqnr_db"] > 20, row
+                else:
+                    assert row["max_rel_diff"] < 1e-4, row
+        else:
+            assert "copy" in peers
+            assert {row["role"] for row in ours} == {"op", "scan"}
+            for row in rs:
+                assert row["gbps"] > 0
+    # SQNR: both sources (synthetic outlier layer, Mamba block linears), every method ×
+    # granularity, finite, and the rotations help where outliers are
+    sq = res["sqnr"]
+    assert sq and all(s["status"] == "ok" for s in sq), sq
+    sources = {s["source"].split(" ")[0] for s in sq}
+    assert {"synthetic", "mamba"} <= sources, sources
+    for s in sq:
+        for m in bench.QUANT_METHODS:
+            for g in bench.QUANT_GRANULARITIES:
+                assert math.isfinite(s["sqnr"][m][g]), s
+    syn = next(s for s in sq if s["source"].startswith("synthetic"))
+    assert syn["sqnr"]["smooth+KLT+H"]["per_tensor"] > syn["sqnr"]["none"]["per_tensor"], syn
+
+
+def test_bench_quant_rejects_bad_options(capsys):
+    bad = [
+        (("--workload", "quant", "--peers", "faiss_l2"), "copy"),
+        (("--workload", "quant", "--preset", "cifar10"), "cifar10"),
+        (("--workload", "quant", "--quick", "--backends", "gpu9"), "gpu9"),
+        (("--workload", "quant", "--quick", "--k", "5"), "--k"),
+        (("--workload", "quant", "--gpu"), "--gpu"),
+    ]
+    for args, match in bad:
+        assert_clean_error_in_process(capsys, "bench", *args, match=match)
