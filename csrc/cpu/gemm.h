@@ -270,7 +270,9 @@ OOD_TARGET_AMX inline void amx_configure() {
 
 OOD_TARGET_AMX inline void amx_release() { _tile_release(); }
 
-OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uint32_t* B, float* C, bool accum) {
+// The 32 x 32 fp32 C block lives in tiles 0-3 (rows 0-15 / 16-31 x columns 0-15 / 16-31); C is
+// [32][32] floats, row-major.
+OOD_TARGET_AMX inline void amx_begin_c(const float* C, bool accum) {
   constexpr int ldc = NR * 4;  // bytes per C row
   if (accum) {
     _tile_loadd(0, C, ldc);
@@ -283,6 +285,18 @@ OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uin
     _tile_zero(2);
     _tile_zero(3);
   }
+}
+
+OOD_TARGET_AMX inline void amx_store_c(float* C) {
+  constexpr int ldc = NR * 4;
+  _tile_stored(0, C, ldc);
+  _tile_stored(1, C + 16, ldc);
+  _tile_stored(2, C + 16 * NR, ldc);
+  _tile_stored(3, C + 16 * NR + 16, ldc);
+}
+
+OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uint32_t* B, float* C, bool accum) {
+  amx_begin_c(C, accum);
   for (int64_t s = 0; s < kc; s += 16) {
     _tile_loadd(4, A, 64);
     _tile_loadd(5, A + 16 * 16, 64);
@@ -295,10 +309,7 @@ OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uin
     A += 32 * 16;
     B += 16 * NR;
   }
-  _tile_stored(0, C, ldc);
-  _tile_stored(1, C + 16, ldc);
-  _tile_stored(2, C + 16 * NR, ldc);
-  _tile_stored(3, C + 16 * NR + 16, ldc);
+  amx_store_c(C);
 }
 
 // AMX-BF16 with a split A operand: C[32 x 32] (+)= (A_hi + A_lo)[32 x 2kc] * B[2kc x 32], where an
@@ -308,18 +319,7 @@ OOD_TARGET_AMX inline void ukr_bf16_amx(int64_t kc, const uint32_t* A, const uin
 // Used where B is exactly bf16 (a bf16 bank) and A is fp32 (queries): twice the tile products of
 // ukr_bf16_amx for an fp32-like result, still several times the fp32 FMA rate.
 OOD_TARGET_AMX inline void ukr_bf16x2_amx(int64_t kc, const uint32_t* A, const uint32_t* B, float* C, bool accum) {
-  constexpr int ldc = NR * 4;
-  if (accum) {
-    _tile_loadd(0, C, ldc);
-    _tile_loadd(1, C + 16, ldc);
-    _tile_loadd(2, C + 16 * NR, ldc);
-    _tile_loadd(3, C + 16 * NR + 16, ldc);
-  } else {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  }
+  amx_begin_c(C, accum);
   for (int64_t s = 0; s < kc; s += 16) {
     _tile_loadd(6, B, NR * 4);
     _tile_loadd(7, B + 16, NR * 4);
@@ -338,10 +338,7 @@ OOD_TARGET_AMX inline void ukr_bf16x2_amx(int64_t kc, const uint32_t* A, const u
     A += 64 * 16;
     B += 16 * NR;
   }
-  _tile_stored(0, C, ldc);
-  _tile_stored(1, C + 16, ldc);
-  _tile_stored(2, C + 16 * NR, ldc);
-  _tile_stored(3, C + 16 * NR + 16, ldc);
+  amx_store_c(C);
 }
 
 #endif  // OOD_FAST_X86

@@ -27,10 +27,7 @@
 #include <vector>
 
 #include "int8_gemm.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "threads.h"
 
 namespace py = pybind11;
 
@@ -193,11 +190,7 @@ class Int8Weight {
 
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      const int tid = omp_get_thread_num();
-#else
-      const int tid = 0;
-#endif
+      const int tid = thread_index();
       uint8_t* A = work[tid].a->get();
       int32_t* Cb = reinterpret_cast<int32_t*>(work[tid].c->get());
 #ifdef OOD_FAST_X86

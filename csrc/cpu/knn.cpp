@@ -40,11 +40,9 @@
 
 #include "gemm.h"
 #include "simd.h"
+#include "threads.h"
 #include "topk.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
@@ -416,11 +414,7 @@ class Search {
 
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      Work& w = work[omp_get_thread_num()];
-#else
-      Work& w = work[0];
-#endif
+      Work& w = work[thread_index()];
       for (int64_t t0 = 0; t0 < ntiles_total; t0 += tpb) {
         const int64_t tiles = std::min(tpb, ntiles_total - t0);
 #pragma omp for schedule(static)
@@ -505,11 +499,7 @@ class Search {
 
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      const int tid = omp_get_thread_num();
-#else
-      const int tid = 0;
-#endif
+      const int tid = thread_index();
       Work& w = work[tid];
       const gemm::AmxScope scope(amx);
       for (int64_t t0 = 0; t0 < ntiles_total; t0 += tpb) {
@@ -604,11 +594,7 @@ class Search {
 
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      const int tid = omp_get_thread_num();
-#else
-      const int tid = 0;
-#endif
+      const int tid = thread_index();
       Work& w = work[tid];
       const int64_t pb = panels_total * tid / nt, pe = panels_total * (tid + 1) / nt;
       Lists L{tid == 0 ? reinterpret_cast<uint64_t*>(out_i_) : pk[tid].data(), k_, pcount[tid].data(),

@@ -24,10 +24,8 @@
 
 #include "gemm.h"
 #include "simd.h"
+#include "threads.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
@@ -382,11 +380,7 @@ class FusedDistance {
     std::atomic<int64_t> next_tile{nt};  // tiles 0..nt-1 go one per thread
 #pragma omp parallel num_threads(nt)
     {
-#ifdef _OPENMP
-      const int tid = omp_get_thread_num();
-#else
-      const int tid = 0;
-#endif
+      const int tid = thread_index();
       Work& w = work[tid];
       const gemm::AmxScope amx(kr_);  // tile configuration for this thread (AMX kernel only)
       // Dynamic tiles with one tile of lookahead: a thread claims its next tile before working
