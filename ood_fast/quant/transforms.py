@@ -481,21 +481,27 @@ def quantize_mamba(
     if not quantize_head:
         plans.pop("lm_head")
 
-    def build(**kw) -> MambaLM:
+    def build(static: dict, **kw) -> MambaLM:
+        """A copy of the fused float64 model with every planned linear a QuantLinear (``kw``
+        and ``static[key]``, its static activation scale, to quantize_linear), float32 on
+        ``device``, in eval mode."""
         mm = copy.deepcopy(m64)
         for key, (rot, smooth) in plans.items():
             parent, name = _get(mm, key)
-            setattr(
-                parent,
-                name,
-                quantize_linear(getattr(parent, name), rotation=rot, smooth=smooth, **kw),
+            lin = quantize_linear(
+                getattr(parent, name),
+                rotation=rot,
+                smooth=smooth,
+                static_scale=static.get(key),
+                **kw,
             )
+            setattr(parent, name, lin)
         return mm.to(torch.float32).to(device).eval()
 
     static = {}
     if a_bits is not None and act_granularity == "per_tensor":
         # Pass 2: absmax of every QuantLinear's transformed input in the float transformed model.
-        flt = build(w_bits=None, a_bits=None, act_granularity="per_tensor")
+        flt = build({}, w_bits=None, a_bits=None, act_granularity="per_tensor")
         absmax = {key: 0.0 for key in plans}
         hooks = []
         for key in plans:
@@ -516,23 +522,12 @@ def quantize_mamba(
         static = {key: max(a / qmax, 1e-12) for key, a in absmax.items()}
         del flt
 
-    out = copy.deepcopy(m64)
-    for key, (rot, smooth) in plans.items():
-        parent, name = _get(out, key)
-        setattr(
-            parent,
-            name,
-            quantize_linear(
-                getattr(parent, name),
-                rotation=rot,
-                smooth=smooth,
-                act_granularity=act_granularity,
-                static_scale=static.get(key),
-                w_bits=w_bits,
-                a_bits=a_bits,
-                w_percentile=w_percentile,
-            ),
-        )
-    out = out.to(torch.float32).to(device).eval()
+    out = build(
+        static,
+        act_granularity=act_granularity,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        w_percentile=w_percentile,
+    )
     out.quant_method = method
     return out
