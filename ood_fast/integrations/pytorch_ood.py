@@ -89,7 +89,7 @@ def _pool(z: Tensor) -> Tensor:
 def _cached_summed_covariance(slot: str, estimator_attr: str) -> property:
     """A settable property: pytorch-ood's summed covariance ``[D, D]`` of the fitted estimator's
     ``estimator_attr``, computed on first read and kept in ``slot`` (None before fitting).
-    Read through ``__dict__``: upstream ``__init__`` assigns these before ``_init_fast`` ran."""
+    Read through ``__dict__``: upstream ``__init__`` assigns these before ours set ``_estimator``."""
 
     def get(self) -> Tensor | None:
         c = self.__dict__.get(slot)
@@ -124,11 +124,19 @@ def _cached_inverse(slot: str, cov_attr: str) -> property:
 
 
 class _OodFastMixin:
-    """Shared state handling; the estimator class and the score conversion differ."""
+    """Shared constructor and state handling; the estimator class and the score conversion
+    differ. First in the bases, before the pytorch-ood detector it stands in for."""
 
     _estimator_name = "Mahalanobis"
 
-    def _init_fast(self, backend, precision):
+    def __init__(
+        self,
+        encoder: Callable[[Tensor], Tensor] | None,
+        *,
+        backend: str | None = None,
+        precision: str = "fp32",
+    ):
+        super().__init__(encoder)  # the pytorch-ood detector's own state
         self._fast_backend = backend
         self._fast_precision = precision
         self._estimator = None
@@ -180,16 +188,6 @@ class Mahalanobis(_OodFastMixin, _pod.Mahalanobis):
 
     _estimator_name = "Mahalanobis"
 
-    def __init__(
-        self,
-        encoder: Callable[[Tensor], Tensor] | None,
-        *,
-        backend: str | None = None,
-        precision: str = "fp32",
-    ):
-        super().__init__(encoder)
-        self._init_fast(backend, precision)
-
     def fit_features(self, z: Tensor, y: Tensor):
         """Fit the class means and the shared covariance on features ``[N, D]`` and labels ``[N]``
         (contiguous 0..C−1, all present). Returns self."""
@@ -213,16 +211,6 @@ class RMD(_OodFastMixin, _pod.RMD):
     """
 
     _estimator_name = "RelativeMahalanobis"
-
-    def __init__(
-        self,
-        encoder: Callable[[Tensor], Tensor] | None,
-        *,
-        backend: str | None = None,
-        precision: str = "fp32",
-    ):
-        super().__init__(encoder)
-        self._init_fast(backend, precision)
 
     def fit_features(self, z: Tensor, y: Tensor):
         """Fit the class Gaussians and the background Gaussian. Returns self."""
