@@ -46,8 +46,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -413,34 +413,40 @@ def ood_metrics(scores, is_ood) -> dict:
 
 
 @dataclass
-class Candidate:
-    """Something to time: ``fit(train_x, train_y) -> model``, ``score(model, x) -> [N] scores``.
-
-    ``kind``: "ours" or "peer". ``sliced``: time scoring on a slice of the test rows, scaled
-    linearly (slow peers). ``min_rows``: smallest representative slice (e.g. one batch).
-    ``device``: where its inputs live ("cpu" or "cuda"); the harness moves them, untimed.
-    """
+class _Candidate:
+    """What every benchmark's candidate has (Candidate, KNNCandidate, QuantCandidate): a
+    ``name`` and ``kind`` ("ours" or "peer") given first, and by keyword ``backend`` (ours: the
+    one requested), ``peer`` (its name), ``sliced`` (may be timed on a slice of the rows, scaled
+    linearly: the slow ones), ``device`` (where its inputs live, "cpu" or "cuda"; the harness
+    moves them, untimed). ``info()``: the row's description, ``candidate`` (the name) then the
+    class's INFO_FIELDS in that order."""
 
     name: str
     kind: str
-    fit: Callable[[Any, Any], Any]
-    score: Callable[[Any, Any], Any]
+    _: KW_ONLY
     backend: str | None = None
-    precision: str = "fp32"
     peer: str | None = None
     sliced: bool = False
-    min_rows: int = 64
     device: str = "cpu"
 
+    INFO_FIELDS: ClassVar[tuple[str, ...]] = ("kind", "backend", "peer", "device")
+
     def info(self) -> dict:
-        return {
-            "candidate": self.name,
-            "kind": self.kind,
-            "backend": self.backend,
-            "precision": self.precision,
-            "peer": self.peer,
-            "device": self.device,
-        }
+        return {"candidate": self.name, **{f: getattr(self, f) for f in self.INFO_FIELDS}}
+
+
+@dataclass
+class Candidate(_Candidate):
+    """Something to time: ``fit(train_x, train_y) -> model``, ``score(model, x) -> [N] scores``.
+    ``min_rows``: smallest representative slice (e.g. one batch)."""
+
+    fit: Callable[[Any, Any], Any]
+    score: Callable[[Any, Any], Any]
+    _: KW_ONLY
+    precision: str = "fp32"
+    min_rows: int = 64
+
+    INFO_FIELDS = ("kind", "backend", "precision", "peer", "device")
 
 
 def _device_for(backend: str) -> str:
@@ -717,8 +723,22 @@ def run_candidate(
         row["status"] = "ok"
     except Exception as exc:  # a failing candidate is a row with its error, not a dead run
         row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        row["error"] = _error(exc)
     return row
+
+
+def _error(exc: BaseException) -> str:
+    """An exception as a row's one-line error: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """The benchmarks' progress bar: on stderr, and gone when done (the table follows)."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, file=sys.stderr, disable=not enabled, desc=desc, unit="step", leave=False
+    )
 
 
 def _loadavg() -> float | None:
@@ -755,7 +775,6 @@ def run(
     log=None,
 ) -> dict:
     """The whole benchmark: returns dict(meta, rows, skipped, table)."""
-    from tqdm import tqdm
 
     wl = workload or Workload.from_preset(preset, covariance=covariance)
     load_before = _loadavg()
@@ -763,14 +782,7 @@ def run(
         cands, skipped = candidates(
             covariance=wl.covariance, backends=backends, precisions=precisions, peers=peers
         )
-        bar = tqdm(
-            total=len(cands) + 2,
-            file=sys.stderr,
-            disable=not progress,
-            desc="ood-fast bench",
-            unit="step",
-            leave=False,
-        )
+        bar = _progress_bar(len(cands) + 2, "ood-fast bench", progress)
         bar.set_postfix_str(f"generating {wl.name} data")
         d = wl.data
         bar.update()
@@ -849,6 +861,21 @@ def table(headers: list[str], body: list[list[str]], right: set[int] | None = No
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def _footer(result: dict) -> list[str]:
+    """The last lines under a benchmark's tables: a warning when the machine was busy before the
+    run, then each candidate that did not run, with the reason."""
+    out = []
+    load = result["meta"].get("loadavg_before")
+    if load is not None and load > 1.0:
+        out.append(
+            f"note: load average {load:.1f} before the run on "
+            f"{result['meta']['environment']['cpu_count']} CPUs: "
+            "other processes were using the CPU; times are noisy (ratios less so)"
+        )
+    out += [f"not run: {name}: {why}" for name, why in result.get("skipped", [])]
+    return out
+
+
 def render(result: dict) -> str:
     """The table of one ``run``: candidate, fit s, score s, GFLOP/s, score speedup of ours vs
     each peer, max relative difference vs float64, AUROC, FPR95; notes underneath."""
@@ -911,14 +938,7 @@ def render(result: dict) -> str:
     ]
     for n in notes:
         out.append(n)
-    load = meta.get("loadavg_before")
-    if load is not None and load > 1.0:
-        out.append(
-            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
-            "other processes were using the CPU; times are noisy (ratios less so)"
-        )
-    for name, why in result.get("skipped", []):
-        out.append(f"not run: {name}: {why}")
+    out += _footer(result)
     return "\n".join(out)
 
 
@@ -1091,35 +1111,20 @@ def knn_reference(
 
 
 @dataclass
-class KNNCandidate:
+class KNNCandidate(_Candidate):
     """One row of the KNN benchmark: ``fit(bank) -> model`` (shared by every candidate with the
     same ``fit_key``), ``score(model, queries)`` -> ``[N]`` (``[N, len(ks)]`` for the sweep)."""
 
-    name: str
-    kind: str  # "ours" or "peer"
     case: str  # "search", "sweep" or "batch1"
     fit_key: str
     fit: Callable[[Any], Any]
     score: Callable[[Any, Any], Any]
-    backend: str | None = None
+    _: KW_ONLY
     precision: str = "fp32"  # bank dtype of ours
-    peer: str | None = None
     threads: int | None = None
-    sliced: bool = False
     min_rows: int = 64
-    device: str = "cpu"
 
-    def info(self) -> dict:
-        return {
-            "candidate": self.name,
-            "kind": self.kind,
-            "case": self.case,
-            "backend": self.backend,
-            "precision": self.precision,
-            "peer": self.peer,
-            "threads": self.threads,
-            "device": self.device,
-        }
+    INFO_FIELDS = ("kind", "case", "backend", "precision", "peer", "threads", "device")
 
 
 def available_knn_backends() -> dict[str, list[str]]:
@@ -1365,7 +1370,7 @@ def run_knn_candidate(
         return row, s, idx
     except Exception as exc:  # a failing candidate is a row with its error, not a dead run
         row["status"] = "error"
-        row["error"] = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        row["error"] = _error(exc)
         return row, None, None
 
 
@@ -1479,8 +1484,6 @@ def run_knn(
     """The KNN benchmark: returns dict(meta, rows, skipped, table) (see the section comment)."""
     import gc
 
-    from tqdm import tqdm
-
     wl = workload or KNNWorkload.from_preset(preset, k=k)
     load_before = _loadavg()
     with pinned_threads(threads):
@@ -1488,14 +1491,7 @@ def run_knn(
         groups: dict[str, list[KNNCandidate]] = {}
         for c in cands:
             groups.setdefault(c.fit_key, []).append(c)
-        bar = tqdm(
-            total=len(cands) + 2,
-            file=sys.stderr,
-            disable=not progress,
-            desc="ood-fast bench knn",
-            unit="step",
-            leave=False,
-        )
+        bar = _progress_bar(len(cands) + 2, "ood-fast bench knn", progress)
         bar.set_postfix_str(f"generating {wl.name} bank")
         d = wl.data
         bar.update()
@@ -1518,7 +1514,7 @@ def run_knn(
                 fit_row = {"fit_s": fit_t.median, "fit_timing": fit_t.as_dict()}
                 del bank
             except Exception as exc:
-                fit_row = {"fit_error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+                fit_row = {"fit_error": _error(exc)}
             fits[key] = fit_row
             for c in group:
                 bar.set_postfix_str(c.name)
@@ -1645,14 +1641,7 @@ def render_knn(result: dict) -> str:
         "AUROC/FPR95 with OOD positive (sweep: at its best k).",
         *notes,
     ]
-    load = meta.get("loadavg_before")
-    if load is not None and load > 1.0:
-        out.append(
-            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
-            "other processes were using the CPU; times are noisy (ratios less so)"
-        )
-    for name, why in result.get("skipped", []):
-        out.append(f"not run: {name}: {why}")
+    out += _footer(result)
     return "\n".join(out)
 
 
@@ -2102,40 +2091,25 @@ def quant_cases(preset: str = "default", ops_: Sequence[str] = QUANT_OPS) -> lis
 
 
 @dataclass
-class QuantCandidate:
+class QuantCandidate(_Candidate):
     """One timed row: ``prepare(inputs) -> state`` (buffers, packed weights: untimed),
     ``score(state, x) -> result`` (timed; x = ``inputs[input_key]`` or its first rows),
     ``check(state, inputs) -> dict`` (untimed accuracy on the first QUANT_CHECK_ROWS rows;
-    raises when wrong)."""
+    raises when wrong). ``backend`` None: the automatic selection; ``sliced``: the first rows
+    are probed against the budget."""
 
-    name: str
-    kind: str  # "ours" or "peer"
     case: str  # QuantCase.name
     op: str
     prepare: Callable[[dict], Any]
     score: Callable[[Any, torch.Tensor], Any]
     check: Callable[[Any, dict], dict] | None = None
+    _: KW_ONLY
     input_key: str = "x"
     role: str = "op"  # ours: "op" | "w8a8"; peers: a QUANT_PEERS name
-    backend: str | None = None  # requested (None: automatic selection)
-    peer: str | None = None
     engine: str | None = None
-    sliced: bool = False  # may be timed on its first rows (probed against the budget)
     fixed_bytes: bool = False  # ignores x: always moves the case's bytes (the copy peers)
-    device: str = "cpu"
 
-    def info(self) -> dict:
-        return {
-            "candidate": self.name,
-            "kind": self.kind,
-            "case": self.case,
-            "op": self.op,
-            "role": self.role,
-            "backend": self.backend,
-            "peer": self.peer,
-            "engine": self.engine,
-            "device": self.device,
-        }
+    INFO_FIELDS = ("kind", "case", "op", "role", "backend", "peer", "engine", "device")
 
 
 @contextlib.contextmanager
@@ -2245,6 +2219,70 @@ def _hadamard_ref(x: torch.Tensor, signs: torch.Tensor | None = None) -> torch.T
     return (y.reshape(r, n) / math.sqrt(n)).reshape(x.shape)
 
 
+def _quant_peer_candidate(
+    case: QuantCase, peer: str, prepare, score, check=None, *, label: str | None = None, **kw
+) -> QuantCandidate:
+    """The row of peer ``peer`` (a QUANT_PEERS name, also its role: the ratio our rows take
+    against it) in ``case``; ``label`` defaults to QUANT_PEER_LABELS[peer]."""
+    return QuantCandidate(
+        label or QUANT_PEER_LABELS[peer],
+        "peer",
+        case.name,
+        case.op,
+        prepare,
+        score,
+        check,
+        role=peer,
+        peer=peer,
+        **kw,
+    )
+
+
+def _agrees(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> dict:
+    """``{"max_rel_diff": _rel(got, ref)}`` for a check; raises naming ``what`` above ``tol``."""
+    err = _rel(got, ref)
+    if not err < tol:
+        raise AssertionError(f"{what}: max rel diff {err:.2e}")
+    return {"max_rel_diff": err}
+
+
+def _sqnr_over_20db(got: torch.Tensor, ref: torch.Tensor, what: str) -> dict:
+    """``{"sqnr_db": sqnr_db(got, ref)}`` for the check of an int8 linear with fp32 output;
+    raises naming ``what`` at 20 dB or less."""
+    s = sqnr_db(got, ref)
+    if not s > 20.0:
+        raise AssertionError(f"{what} SQNR vs float64 only {s:.1f} dB (want > 20)")
+    return {"sqnr_db": s}
+
+
+def _linear_ref(inp: dict) -> torch.Tensor:
+    """float64 ``x Wᵀ + b`` of the case's first QUANT_CHECK_ROWS rows ``[rows, N]``."""
+    x = inp["x"][:QUANT_CHECK_ROWS].to(torch.float64)
+    return x @ inp["w"].to(torch.float64).T + inp["b"]
+
+
+def _int_gemm_ref(inp: dict) -> torch.Tensor:
+    """int64 ``qx qwᵀ`` of the case's first QUANT_CHECK_ROWS rows ``[rows, N]``: exact."""
+    return inp["qx"][:QUANT_CHECK_ROWS].to(torch.int64) @ inp["qw"].to(torch.int64).T
+
+
+def _int8_rows_buffer(ops, rows: int, n: int):
+    """A QuantizedTensor ``out=`` buffer: int8 codes ``[rows, n]``, one fp32 scale per row."""
+    return ops.QuantizedTensor(
+        codes=torch.empty(rows, n, dtype=torch.int8),
+        scale=torch.empty(rows, dtype=torch.float32),
+        zero_point=None,
+        bits=8,
+        symmetric=True,
+    )
+
+
+def _first_rows(q, r: int):
+    """The first ``r`` rows of a per-token QuantizedTensor buffer (views: the kernel writes
+    into the preallocated buffer when timed on fewer rows)."""
+    return q._replace(codes=q.codes[:r], scale=q.scale[:r])
+
+
 def _copy_candidate(case: QuantCase) -> QuantCandidate:
     """``dst.copy_(src)`` into a preallocated buffer, moving the case's bytes (read + write)."""
     if case.op == "hadamard":
@@ -2255,16 +2293,7 @@ def _copy_candidate(case: QuantCase) -> QuantCandidate:
         def score(st, x):
             return st["dst"][: x.shape[0]].copy_(x)
 
-        return QuantCandidate(
-            QUANT_PEER_LABELS["copy"],
-            "peer",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            role="copy",
-            peer="copy",
-        )
+        return _quant_peer_candidate(case, "copy", prepare, score)
 
     half = max(1, case.bytes // 2 // 4)  # fp32 elements: a copy of B/2 bytes moves B bytes
 
@@ -2274,15 +2303,12 @@ def _copy_candidate(case: QuantCase) -> QuantCandidate:
     def score_b(st, x):
         return st["dst"].copy_(st["src"])
 
-    return QuantCandidate(
-        f"copy of the same bytes ({case.bytes / 2 / MB:.0f} MB)",
-        "peer",
-        case.name,
-        case.op,
+    return _quant_peer_candidate(
+        case,
+        "copy",
         prepare_b,
         score_b,
-        role="copy",
-        peer="copy",
+        label=f"copy of the same bytes ({case.bytes / 2 / MB:.0f} MB)",
         fixed_bytes=True,
     )
 
@@ -2301,6 +2327,22 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
     if role == "scan":
         label += " + NaN scan (default)"
 
+    def ours(what: str, prepare, score, check, *, row_role: str = role, **kw) -> QuantCandidate:
+        """Our row ``label + what``, on ``backend``, sliceable (timed on its first rows)."""
+        return QuantCandidate(
+            label + what,
+            "ours",
+            case.name,
+            case.op,
+            prepare,
+            score,
+            check,
+            role=row_role,
+            backend=backend,
+            sliced=True,
+            **kw,
+        )
+
     if case.op == "hadamard":
 
         def prepare(inp):
@@ -2311,42 +2353,20 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
 
         def check(st, inp):
             x = inp["x"][:QUANT_CHECK_ROWS]
-            got = score(st, x)
-            err = _rel(got, _hadamard_ref(x))
-            if not err < 1e-4:
-                raise AssertionError(f"hadamard disagrees with float64 x@H: max rel diff {err:.2e}")
-            return {"max_rel_diff": err}
+            return _agrees(
+                score(st, x), _hadamard_ref(x), 1e-4, "hadamard disagrees with float64 x@H"
+            )
 
-        return QuantCandidate(
-            label,
-            "ours",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            check,
-            role=role,
-            backend=backend,
-            sliced=True,
-        )
+        return ours("", prepare, score, check)
 
     if case.op == "rotate_quantize":
 
         def prepare(inp):
-            x = inp["x"]
             rot = ops.random_hadamard(n, seed=0)
-            out = ops.QuantizedTensor(
-                codes=torch.empty(x.shape, dtype=torch.int8),
-                scale=torch.empty(x.shape[0], dtype=torch.float32),
-                zero_point=None,
-                bits=8,
-                symmetric=True,
-            )
-            return {"rot": rot, "out": out}
+            return {"rot": rot, "out": _int8_rows_buffer(ops, inp["x"].shape[0], n)}
 
         def score(st, x):
-            o, r = st["out"], x.shape[0]
-            buf = o._replace(codes=o.codes[:r], scale=o.scale[:r])
+            buf = _first_rows(st["out"], x.shape[0])
             return ops.rotate_quantize(
                 x, st["rot"], granularity="per_token", out=buf, backend=backend, **fin
             )
@@ -2366,40 +2386,13 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
                 )
             return {"scale_rel_diff": s_err, "max_code_err": steps}
 
-        return QuantCandidate(
-            label + " random H",
-            "ours",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            check,
-            role=role,
-            backend=backend,
-            sliced=True,
+        return ours(" random H", prepare, score, check)
+
+    # int8_linear: our rows on fp32 x are judged by their SQNR against the float64 linear
+    def fp_check(score):
+        return lambda st, inp: _sqnr_over_20db(
+            score(st, inp["x"][:QUANT_CHECK_ROWS]), _linear_ref(inp), "W8A8 linear"
         )
-
-    # int8_linear
-    def exact_check(got, inp, sx=None):
-        r = QUANT_CHECK_ROWS
-        acc = inp["qx"][:r].to(torch.int64) @ inp["qw"].to(torch.int64).T
-        sx = inp["sx"][:r] if sx is None else sx
-        ref = acc.to(torch.float64) * sx.to(torch.float64)[:, None]
-        ref = ref * inp["sw"].to(torch.float64)[None, :] + inp["b"].to(torch.float64)
-        err = _rel(got, ref)
-        if not err < 1e-5:
-            raise AssertionError(
-                f"int8_linear disagrees with the int64 GEMM: max rel diff {err:.2e}"
-            )
-        return {"max_rel_diff": err}
-
-    def fp_check(got, inp):
-        r = QUANT_CHECK_ROWS
-        ref = inp["x"][:r].to(torch.float64) @ inp["w"].to(torch.float64).T + inp["b"]
-        s = sqnr_db(got, ref)
-        if not s > 20.0:
-            raise AssertionError(f"W8A8 linear SQNR vs float64 only {s:.1f} dB (want > 20)")
-        return {"sqnr_db": s}
 
     if role == "op":
 
@@ -2418,18 +2411,14 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
                 backend=backend,
             )
 
-        return QuantCandidate(
-            label + " int8_linear (int8 in)",
-            "ours",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            lambda st, inp: exact_check(score(st, inp["qx"][:QUANT_CHECK_ROWS]), inp),
-            input_key="qx",
-            backend=backend,
-            sliced=True,
-        )
+        def check(st, inp):
+            r = QUANT_CHECK_ROWS
+            ref = _int_gemm_ref(inp).to(torch.float64) * inp["sx"][:r].to(torch.float64)[:, None]
+            ref = ref * inp["sw"].to(torch.float64)[None, :] + inp["b"].to(torch.float64)
+            got = score(st, inp["qx"][:r])
+            return _agrees(got, ref, 1e-5, "int8_linear disagrees with the int64 GEMM")
+
+        return ours(" int8_linear (int8 in)", prepare, score, check, input_key="qx")
 
     if role == "w8a8":
 
@@ -2437,29 +2426,18 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             rot = ops.random_hadamard(n, seed=0)
             w_rot = (inp["w"].to(torch.float64) @ rot.matrix(torch.float64)).to(torch.float32)
             qw, sw = ops.quantize_weight(w_rot)
-            qbuf = ops.QuantizedTensor(
-                codes=torch.empty(case.rows, n, dtype=torch.int8),
-                scale=torch.empty(case.rows, dtype=torch.float32),
-                zero_point=None,
-                bits=8,
-                symmetric=True,
-            )
             return {
                 "rot": rot,
                 "qw": qw,
                 "sw": sw,
-                "q": qbuf,
+                "q": _int8_rows_buffer(ops, case.rows, n),
                 "out": torch.empty(case.rows, case.n_out),
             }
 
         def score(st, x):
-            r, o = x.shape[0], st["q"]
+            r = x.shape[0]
             q = ops.rotate_quantize(
-                x,
-                st["rot"],
-                out=o._replace(codes=o.codes[:r], scale=o.scale[:r]),
-                backend=backend,
-                **fin,
+                x, st["rot"], out=_first_rows(st["q"], r), backend=backend, **fin
             )
             return ops.int8_linear(
                 q.codes,
@@ -2471,17 +2449,8 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
                 backend=backend,
             )
 
-        return QuantCandidate(
-            label + " W8A8 linear (H + quantize + int8 GEMM, fp32 in/out)",
-            "ours",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
-            role="w8a8",
-            backend=backend,
-            sliced=True,
+        return ours(
+            " W8A8 linear (H + quantize + int8 GEMM, fp32 in/out)", prepare, score, fp_check(score)
         )
 
     # role == "quantlinear": the model layer, as a user calls it
@@ -2508,17 +2477,9 @@ def _quant_ours(case: QuantCase, backend: str | None, role: str = "op") -> Quant
             with _backend.use_backend(backend):
                 return st["layer"](x)
 
-    return QuantCandidate(
-        label + " QuantLinear(rotation=H) forward",
-        "ours",
-        case.name,
-        case.op,
-        prepare,
-        score,
-        lambda st, inp: fp_check(score(st, inp["x"][:QUANT_CHECK_ROWS]), inp),
-        role="w8a8",
-        backend=backend,
-        sliced=True,
+    # its row is a W8A8 linear like the chained ops: the same bars and ratios
+    return ours(
+        " QuantLinear(rotation=H) forward", prepare, score, fp_check(score), row_role="w8a8"
     )
 
 
@@ -2542,29 +2503,11 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
 
         def check(st, inp):
             x = inp["x"][:QUANT_CHECK_ROWS]
-            err = _rel(score(st, x), _hadamard_ref(x))
-            if not err < 1e-4:
-                raise AssertionError(f"dense x@H disagrees with float64: {err:.2e}")
-            return {"max_rel_diff": err}
+            return _agrees(score(st, x), _hadamard_ref(x), 1e-4, "dense x@H disagrees with float64")
 
-        return QuantCandidate(
-            QUANT_PEER_LABELS["dense"],
-            "peer",
-            case.name,
-            case.op,
-            prepare,
-            score,
-            check,
-            role="dense",
-            peer="dense",
-            sliced=True,
-        )
+        return _quant_peer_candidate(case, name, prepare, score, check, sliced=True)
     if case.op != "int8_linear":
         return f"{QUANT_PEER_LABELS[name]}: only for the int8_linear case"
-
-    def fp_ref(inp):
-        r = QUANT_CHECK_ROWS
-        return inp["x"][:r].to(torch.float64) @ inp["w"].to(torch.float64).T + inp["b"]
 
     if name == "torch_fp32":
         import torch.nn.functional as F
@@ -2573,21 +2516,11 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return F.linear(x, st["w"], st["b"])
 
         def check(st, inp):
-            err = _rel(score(st, inp["x"][:QUANT_CHECK_ROWS]), fp_ref(inp))
-            if not err < 1e-4:
-                raise AssertionError(f"F.linear disagrees with float64: {err:.2e}")
-            return {"max_rel_diff": err}
+            got = score(st, inp["x"][:QUANT_CHECK_ROWS])
+            return _agrees(got, _linear_ref(inp), 1e-4, "F.linear disagrees with float64")
 
-        return QuantCandidate(
-            QUANT_PEER_LABELS[name],
-            "peer",
-            case.name,
-            case.op,
-            lambda inp: {"w": inp["w"], "b": inp["b"]},
-            score,
-            check,
-            role=name,
-            peer=name,
+        return _quant_peer_candidate(
+            case, name, lambda inp: {"w": inp["w"], "b": inp["b"]}, score, check
         )
     if name == "torch_int8":
         engine = engine or "fbgemm"
@@ -2597,21 +2530,16 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return f
 
         def check(st, inp):
-            s = sqnr_db(st(inp["x"][:QUANT_CHECK_ROWS]), fp_ref(inp))
-            if not s > 20.0:
-                raise AssertionError(f"torch int8 Linear SQNR only {s:.1f} dB")
-            return {"sqnr_db": s}
+            got = st(inp["x"][:QUANT_CHECK_ROWS])
+            return _sqnr_over_20db(got, _linear_ref(inp), "torch int8 Linear")
 
-        return QuantCandidate(
-            f"{QUANT_PEER_LABELS[name]} ({engine})",
-            "peer",
-            case.name,
-            case.op,
+        return _quant_peer_candidate(
+            case,
+            name,
             lambda inp: f,
             lambda st, x: st(x),
             check,
-            role=name,
-            peer=name,
+            label=f"{QUANT_PEER_LABELS[name]} ({engine})",
             engine=engine,
         )
     if name == "int_mm":
@@ -2620,23 +2548,13 @@ def _quant_peer(case: QuantCase, name: str, engine: str | None = None) -> QuantC
             return f
 
         def check(st, inp):
-            r = QUANT_CHECK_ROWS
-            ref = inp["qx"][:r].to(torch.int64) @ inp["qw"].to(torch.int64).T
-            if not torch.equal(st(inp["qx"][:r]).to(torch.int64), ref):
+            got = st(inp["qx"][:QUANT_CHECK_ROWS]).to(torch.int64)
+            if not torch.equal(got, _int_gemm_ref(inp)):
                 raise AssertionError("torch._int_mm disagrees with the int64 GEMM")
             return {"max_rel_diff": 0.0}
 
-        return QuantCandidate(
-            QUANT_PEER_LABELS[name],
-            "peer",
-            case.name,
-            case.op,
-            lambda inp: f,
-            lambda st, x: st(x),
-            check,
-            input_key="qx",
-            role=name,
-            peer=name,
+        return _quant_peer_candidate(
+            case, name, lambda inp: f, lambda st, x: st(x), check, input_key="qx"
         )
     raise ValueError(f"unknown quant peer {name!r}; expected one of {QUANT_PEERS}")
 
@@ -2718,10 +2636,6 @@ def quant_rows_for_budget(
         per_row = max(time.perf_counter() - t0, 1e-9) / N
     n = int(budget / runs / per_row)
     return N if n >= N else max(min(p, N), n)
-
-
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
 
 
 def setup_quant_candidate(
@@ -2937,7 +2851,7 @@ def quant_sqnr_sources(preset: str = "default") -> tuple[list[dict], list[tuple[
         try:
             sources += fn(**spec)
         except Exception as exc:
-            skipped.append((f"SQNR {name}", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+            skipped.append((f"SQNR {name}", _error(exc)))
     return sources, skipped
 
 
@@ -3030,7 +2944,7 @@ def run_quant_sqnr(preset: str = "default", progress: bool = True) -> tuple[list
                 {
                     "source": s["name"],
                     "status": "error",
-                    "error": f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300],
+                    "error": _error(exc),
                 }
             )
     return rows, skipped
@@ -3052,8 +2966,6 @@ def run_quant(
     comment). ``backends``: ours on each (default: the automatic selection only)."""
     import gc
 
-    from tqdm import tqdm
-
     cases = quant_cases(preset, ops_)
     load_before = _loadavg()
     dense_ns = QUANT_PRESETS[preset]["dense_ns"]
@@ -3063,13 +2975,8 @@ def run_quant(
             cs, sk = quant_candidates(case, backends, peers, dense_ns)
             plan.append((case, cs))
             skipped += sk
-        bar = tqdm(
-            total=sum(len(cs) for _, cs in plan) + (1 if sqnr else 0),
-            file=sys.stderr,
-            disable=not progress,
-            desc="ood-fast bench quant",
-            unit="step",
-            leave=False,
+        bar = _progress_bar(
+            sum(len(cs) for _, cs in plan) + (1 if sqnr else 0), "ood-fast bench quant", progress
         )
         rows: list[dict] = []
         for case, cs in plan:
@@ -3214,12 +3121,5 @@ def render_quant(result: dict) -> str:
         "SQNR vs float64, on the first rows.",
         *notes,
     ]
-    load = meta.get("loadavg_before")
-    if load is not None and load > 1.0:
-        out.append(
-            f"note: load average {load:.1f} before the run on {env['cpu_count']} CPUs: "
-            "other processes were using the CPU; times are noisy (ratios less so)"
-        )
-    for name, why in result.get("skipped", []):
-        out.append(f"not run: {name}: {why}")
+    out += _footer(result)
     return "\n".join(out)

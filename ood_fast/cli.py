@@ -67,6 +67,30 @@ def _csv(value: str, allowed, what: str) -> list[str]:
     return items
 
 
+def _peers(args, allowed: tuple[str, ...]) -> list[str] | tuple[str, ...]:
+    """--peers as a checked list; all of ``allowed`` when it is not given (``--peers ""``: none)."""
+    return _csv(args.peers, allowed, "peers") if args.peers is not None else allowed
+
+
+def _repeats_budget(args) -> tuple[int, float]:
+    """--repeats and --budget (seconds per candidate); --quick lowers their defaults."""
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
+    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    return repeats, budget
+
+
+def _workload_preset(args, presets, default: str, workload: str) -> str:
+    """--preset of ``--workload {workload}``, checked against ``presets``; when it is not given,
+    "quick" with --quick, else ``default``."""
+    preset = args.preset or ("quick" if args.quick else default)
+    if preset not in presets:
+        raise UserError(
+            f"--preset: unknown {preset!r} for --workload {workload}; expected one of "
+            f"{', '.join(sorted(presets))}"
+        )
+    return preset
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -86,10 +110,9 @@ def cmd_bench(args) -> int:
 
     preset = args.preset or ("quick" if args.quick else "cifar10")
     backends = _csv(args.backends, _backend.BACKENDS, "backends") if args.backends else None
-    peers = _csv(args.peers, bench.PEERS, "peers") if args.peers is not None else bench.PEERS
+    peers = _peers(args, bench.PEERS)
     precisions = _csv(args.precisions, bench.PRECISIONS, "precisions")
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    repeats, budget = _repeats_budget(args)
     try:
         from . import data
 
@@ -122,19 +145,11 @@ def _bench_knn(args) -> int:
         )
     if args.covariance != "tied":
         raise UserError("--covariance applies to --workload mahalanobis only")
-    preset = args.preset or ("quick" if args.quick else "cifar10")
-    if preset not in bench.KNN_PRESETS:
-        raise UserError(
-            f"--preset: unknown {preset!r} for --workload knn; expected one of "
-            f"{', '.join(sorted(bench.KNN_PRESETS))}"
-        )
+    preset = _workload_preset(args, bench.KNN_PRESETS, "cifar10", "knn")
     backends = _csv(args.backends, _backend.BACKENDS, "backends") if args.backends else None
-    peers = (
-        _csv(args.peers, bench.KNN_PEERS, "peers") if args.peers is not None else bench.KNN_PEERS
-    )
+    peers = _peers(args, bench.KNN_PEERS)
     precisions = _csv(args.precisions, tuple(bench.KNN_BANK_DTYPES), "precisions")
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    repeats, budget = _repeats_budget(args)
     spec = bench.KNN_PRESETS[preset]
     if args.k is not None and not 1 <= args.k <= spec["n_bank"]:
         raise UserError(f"--k: need 1 <= k <= the bank size {spec['n_bank']:,}, got {args.k}")
@@ -168,23 +183,13 @@ def _bench_quant(args) -> int:
         raise UserError("--covariance applies to --workload mahalanobis only")
     if args.k is not None:
         raise UserError("--k applies to --workload knn only")
-    preset = args.preset or ("quick" if args.quick else "default")
-    if preset not in bench.QUANT_PRESETS:
-        raise UserError(
-            f"--preset: unknown {preset!r} for --workload quant; expected one of "
-            f"{', '.join(sorted(bench.QUANT_PRESETS))}"
-        )
+    preset = _workload_preset(args, bench.QUANT_PRESETS, "default", "quant")
     backends = None
     if args.backends:
         names = _csv(args.backends, ("auto", *_backend.BACKENDS), "backends")
         backends = [None if b == "auto" else b for b in names]
-    peers = (
-        _csv(args.peers, bench.QUANT_PEERS, "peers")
-        if args.peers is not None
-        else bench.QUANT_PEERS
-    )
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
-    budget = args.budget if args.budget is not None else (0.5 if args.quick else 5.0)
+    peers = _peers(args, bench.QUANT_PEERS)
+    repeats, budget = _repeats_budget(args)
     res = bench.run_quant(
         preset,
         backends=backends,
@@ -276,12 +281,20 @@ def cmd_score(args) -> int:
         if isinstance(scores, torch.Tensor)
         else np.asarray(scores, dtype=np.float32)
     )
-    np.save(args.out, scores)
-    n_train = len(train_y)
-    print(
-        f"{args.method}: fitted on {n_train:,} rows, {getattr(est, 'num_classes_', '?')} "
+    summary = (
+        f"{args.method}: fitted on {len(train_y):,} rows, {getattr(est, 'num_classes_', '?')} "
         f"classes, D={test_x.shape[1]}; scored {len(scores):,} rows -> {args.out}"
     )
+    return _write_scores(args, est, scores, summary, test_is_ood)
+
+
+def _write_scores(args, est, scores, summary: str, test_is_ood) -> int:
+    """The end of a score command: the scores [N] to --out, ``summary`` printed, the fitted
+    estimator to --save when given, and the metrics when the test file has OOD labels."""
+    import numpy as np
+
+    np.save(args.out, scores)
+    print(summary)
     if args.save:
         est.save(args.save)
         print(f"model saved to {args.save}")
@@ -312,7 +325,6 @@ def _print_metrics(scores, test_is_ood) -> None:
 def _score_knn(args) -> int:
     """``--method knn``: ``ood_fast.KNN(k)`` with the training features as the bank (labels, if
     the file has them, are not used); scores −‖q̂ − b̂_(k)‖² (OpenOOD), higher = ID."""
-    import numpy as np
     import torch
 
     import ood_fast
@@ -335,17 +347,12 @@ def _score_knn(args) -> int:
         est = ood_fast.KNN(k=k, backend=args.backend, bank_dtype=bank_dtype).fit(train_x)
         scores = est.score(test_x)
     scores = scores.detach().cpu().float().numpy()
-    np.save(args.out, scores)
-    print(
+    summary = (
         f"knn (k={k}): bank of {est.n_samples_:,} rows, D={est.n_features_in_}"
         f"{', bf16 bank (exact re-rank)' if bank_dtype is not None else ''}; "
         f"scored {len(scores):,} rows -> {args.out}"
     )
-    if args.save:
-        est.save(args.save)
-        print(f"model saved to {args.save}")
-    _print_metrics(scores, test_is_ood)
-    return 0
+    return _write_scores(args, est, scores, summary, test_is_ood)
 
 
 class _threads:

@@ -143,15 +143,17 @@ def test_score_bad_paths_and_keys(tmp_path, feature_files):
     assert_clean_error(r)
 
 
-def test_bench_knn_quick_json(tmp_path):
-    path = tmp_path / "knn.json"
+def bench_quick_json(tmp_path, workload: str, *extra: str) -> tuple[str, dict]:
+    """``ood-fast bench --workload {workload} --quick`` (one timed run per candidate, 0.2 s
+    budget) as a user runs it: asserts it succeeds and that its JSON names the workload and the
+    threads; returns (the printed table, the JSON result)."""
+    path = tmp_path / f"{workload}.json"
     r = ood_fast(
         "bench",
         "--workload",
-        "knn",
+        workload,
         "--quick",
-        "--peers",
-        "faiss_l2,faiss_ip,torch",
+        *extra,
         "--repeats",
         "1",
         "--budget",
@@ -162,10 +164,15 @@ def test_bench_knn_quick_json(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "search" in r.stdout and "batch of 1" in r.stdout and "vs faiss" in r.stdout
     res = json.loads(path.read_text())
-    assert res["meta"]["workload"]["workload"] == "knn"
+    assert res["meta"]["workload"]["workload"] == workload
     assert res["meta"]["environment"]["threads"] >= 1
+    return r.stdout, res
+
+
+def test_bench_knn_quick_json(tmp_path):
+    out, res = bench_quick_json(tmp_path, "knn", "--peers", "faiss_l2,faiss_ip,torch")
+    assert "search" in out and "batch of 1" in out and "vs faiss" in out
     rows = res["rows"]
     ours = [row for row in rows if row["kind"] == "ours" and row["status"] == "ok"]
     assert {row["case"] for row in ours} == {"search", "sweep", "batch1"}, rows
@@ -277,30 +284,11 @@ def test_bench_quant_quick_json(tmp_path):
     speed."""
     from ood_fast import bench
 
-    path = tmp_path / "quant.json"
-    r = ood_fast(
-        "bench",
-        "--workload",
-        "quant",
-        "--quick",
-        "--repeats",
-        "1",
-        "--budget",
-        "0.2",
-        "--json",
-        str(path),
-        "--no-progress",
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
+    out, res = bench_quick_json(tmp_path, "quant")
     for title in ("hadamard", "rotate_quantize", "int8_linear", "performance bars", "SQNR dB"):
         assert title in out, out
     for col in ("vs copy", "vs dense", "vs F.linear", "vs torch int8", "GB/s", "GOP/s"):
         assert col in out, out
-    res = json.loads(path.read_text())
-    assert res["meta"]["workload"]["workload"] == "quant"
-    assert res["meta"]["environment"]["threads"] >= 1
     rows = res["rows"]
     failed = [row for row in rows if row["status"] != "ok"]
     assert not failed, failed

@@ -18,21 +18,17 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from ood_fast import _extensions as _ext  # noqa: E402
+from _triton_helpers import (
+    DEV,
+    NS,
+    dense_hadamard,
+    hadamard_factors,
+    need_triton_backend,  # noqa: F401  (autouse: skips without triton)
+)
 
 pytestmark = pytest.mark.triton  # tests/conftest.py skips these where triton cannot import
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-NS = (1, 2, 8, 12, 24, 48, 64, 80, 112)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def _need_triton_backend():
-    why = _ext.triton_unavailable()
-    if why:
-        pytest.skip("triton backend unavailable: " + "; ".join(why))
 
 
 @pytest.fixture
@@ -45,26 +41,9 @@ def th():
 # ---------------------------------------------------------------------------------------------
 
 
-def _split(n):
-    for K in (1, 12, 20, 28):
-        q = n // K
-        if n % K == 0 and q & (q - 1) == 0:
-            return K, q.bit_length() - 1
-    raise ValueError(n)
-
-
-def _sylvester(p):
-    S = np.ones((1, 1))
-    for _ in range(p):
-        S = np.block([[S, S], [S, -S]])
-    return S
-
-
 def _np_hadamard(x, hk, signs, scale):
     """scale · (x · signs) @ kron(hk, S_{2^p}) in float64."""
-    n = x.shape[1]
-    K, p = _split(n)
-    H = np.kron(hk if K > 1 else np.ones((1, 1)), _sylvester(p))
+    H = dense_hadamard(x.shape[1], hk)
     xs = x * (signs if signs is not None else 1.0)
     return scale * (xs @ H)
 
@@ -83,13 +62,13 @@ def _data(R, n, seed, ints=False):
 
 def _tol(x64, n, scale):
     """fp32 rounding of a summation tree of depth ~ p + K (each output is ±Σ of the inputs)."""
-    K, p = _split(n)
+    K, p = hadamard_factors(n)
     l1 = np.abs(x64).sum(axis=1, keepdims=True)
     return 2.0 * (p + K + 2) * 2.0**-24 * abs(scale) * l1 + 1e-30
 
 
 def _args(n, seed, with_signs):
-    K, _ = _split(n)
+    K, _ = hadamard_factors(n)
     hk = _random_hk(K, seed)
     signs = np.random.default_rng(seed + 1).choice([-1.0, 1.0], size=n) if with_signs else None
     t_hk = torch.tensor(hk, dtype=torch.float32, device=DEV)
@@ -230,7 +209,7 @@ def test_ops_triton_vs_torch(n, dtype):
 def _np_hadamard_fast(x, hk, signs, scale):
     """The same float64 transform without building H: FWHT by reshapes, then the H_K mix."""
     R, n = x.shape
-    K, p = _split(n)
+    K, p = hadamard_factors(n)
     y = (x * (signs if signs is not None else 1.0)).reshape(R, K, 1 << p)
     for j in range(p):
         h = y.reshape(R, K, -1, 2, 1 << j)

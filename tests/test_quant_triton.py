@@ -22,22 +22,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from ood_fast import _extensions as _ext  # noqa: E402
+from _triton_helpers import (
+    DEV,
+    NS,
+    dense_hadamard,
+    hadamard_factors,
+    need_triton_backend,  # noqa: F401  (autouse: skips without triton)
+)
 
 pytestmark = pytest.mark.triton  # tests/conftest.py skips these where triton cannot import
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-NS = (1, 2, 8, 12, 24, 48, 64, 80, 112)
 F32 = np.float32
 TIE = 1e-3  # code units: closer than this to a .5 tie may round either way after a rotation
-
-
-@pytest.fixture(autouse=True)
-def _need_triton_backend():
-    why = _ext.triton_unavailable()
-    if why:
-        pytest.skip("triton backend unavailable: " + "; ".join(why))
 
 
 @pytest.fixture
@@ -48,21 +44,6 @@ def tq():
 # ---------------------------------------------------------------------------------------------
 # numpy references
 # ---------------------------------------------------------------------------------------------
-
-
-def _split(n):
-    for K in (1, 12, 20, 28):
-        q = n // K
-        if n % K == 0 and q & (q - 1) == 0:
-            return K, q.bit_length() - 1
-    raise ValueError(n)
-
-
-def _sylvester(p):
-    S = np.ones((1, 1))
-    for _ in range(p):
-        S = np.block([[S, S], [S, -S]])
-    return S
 
 
 def _np_quant(y, per_token, sym, static, bits):
@@ -102,8 +83,7 @@ def _np_transform(x32, K, hk, signs, smooth):
     xs = xs.astype(np.float64)
     if K == 0:
         return xs
-    _, p = _split(n)
-    H = np.kron(hk if K > 1 else np.ones((1, 1)), _sylvester(p))
+    H = dense_hadamard(n, hk)
     if signs is not None:
         xs = xs * signs
     return (xs @ H) / math.sqrt(n)
@@ -197,7 +177,7 @@ def test_exact_ties_round_half_even(tq):
 @pytest.mark.parametrize("n", NS)
 def test_rotated_matches_numpy(tq, n, mode):
     per_token, sym = mode
-    K, _ = _split(n)
+    K, _ = hadamard_factors(n)
     rng = np.random.default_rng(100 + n)
     hk = rng.choice([-1.0, 1.0], size=(K, K)) if K > 1 else None
     for R, bits, with_signs, with_smooth in ((1, 8, True, False), (5, 4, False, True), (3, 8, True, True)):  # fmt: skip
@@ -214,7 +194,7 @@ def test_rotated_matches_numpy(tq, n, mode):
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("n", (24, 64, 112))
 def test_rotated_lowp_input(tq, n, dtype):
-    K, _ = _split(n)
+    K, _ = hadamard_factors(n)
     rng = np.random.default_rng(n)
     hk = rng.choice([-1.0, 1.0], size=(K, K)) if K > 1 else None
     xt = torch.tensor(rng.standard_normal((4, n)), dtype=torch.float32, device=DEV).to(dtype)
@@ -227,7 +207,7 @@ def test_rotated_lowp_input(tq, n, dtype):
 @pytest.mark.parametrize("per_token", (True, False))
 @pytest.mark.parametrize("n", (12, 64, 80))
 def test_static_scale_saturates(tq, n, per_token):
-    K, _ = _split(n)
+    K, _ = hadamard_factors(n)
     rng = np.random.default_rng(n)
     hk = rng.choice([-1.0, 1.0], size=(K, K)) if K > 1 else None
     x = (rng.standard_normal((3, n)) * 5).astype(F32)
@@ -430,7 +410,7 @@ def test_ops_int8_linear_triton_vs_torch(u8):
 
 def _np_transform_fast(x32, K, hk, signs):
     R, n = x32.shape
-    _, p = _split(n)
+    _, p = hadamard_factors(n)
     y = (x32.astype(np.float64) * (signs if signs is not None else 1.0)).reshape(R, K, 1 << p)
     for j in range(p):
         h = y.reshape(R, K, -1, 2, 1 << j)
@@ -445,7 +425,7 @@ def _np_transform_fast(x32, K, hk, signs):
 def test_quick_rotated_larger_rows(tq, mode):
     per_token, sym = mode
     for n in (1024, 5120):
-        K, _ = _split(n)
+        K, _ = hadamard_factors(n)
         rng = np.random.default_rng(n)
         hk = rng.choice([-1.0, 1.0], size=(K, K)) if K > 1 else np.ones((1, 1))
         signs = rng.choice([-1.0, 1.0], size=n)

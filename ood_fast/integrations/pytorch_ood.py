@@ -86,12 +86,57 @@ def _pool(z: Tensor) -> Tensor:
     return z if z.dim() == 2 else z.reshape(z.size(0), z.size(1), -1).mean(2)
 
 
+def _cached_summed_covariance(slot: str, estimator_attr: str) -> property:
+    """A settable property: pytorch-ood's summed covariance ``[D, D]`` of the fitted estimator's
+    ``estimator_attr``, computed on first read and kept in ``slot`` (None before fitting).
+    Read through ``__dict__``: upstream ``__init__`` assigns these before ours set ``_estimator``."""
+
+    def get(self) -> Tensor | None:
+        c = self.__dict__.get(slot)
+        if c is None and self.__dict__.get("_estimator") is not None:
+            c = self._summed(getattr(self._estimator, estimator_attr))
+            setattr(self, slot, c)
+        return c
+
+    def set_(self, value):
+        setattr(self, slot, value)
+
+    return property(get, set_)
+
+
+def _cached_inverse(slot: str, cov_attr: str) -> property:
+    """A settable property: the inverse ``[D, D]`` of the property ``cov_attr``, computed on
+    first read (a D×D inverse: only when asked) and kept in ``slot``."""
+
+    def get(self) -> Tensor | None:
+        p = self.__dict__.get(slot)
+        if p is None:
+            cov = getattr(self, cov_attr)
+            if cov is not None:
+                p = torch.linalg.inv(cov)
+                setattr(self, slot, p)
+        return p
+
+    def set_(self, value):
+        setattr(self, slot, value)
+
+    return property(get, set_)
+
+
 class _OodFastMixin:
-    """Shared state handling; the estimator class and the score conversion differ."""
+    """Shared constructor and state handling; the estimator class and the score conversion
+    differ. First in the bases, before the pytorch-ood detector it stands in for."""
 
     _estimator_name = "Mahalanobis"
 
-    def _init_fast(self, backend, precision):
+    def __init__(
+        self,
+        encoder: Callable[[Tensor], Tensor] | None,
+        *,
+        backend: str | None = None,
+        precision: str = "fp32",
+    ):
+        super().__init__(encoder)  # the pytorch-ood detector's own state
         self._fast_backend = backend
         self._fast_precision = precision
         self._estimator = None
@@ -121,30 +166,8 @@ class _OodFastMixin:
         return est
 
     # pytorch-ood's upstream attributes, computed on demand (D×D inverse: only when asked)
-    @property
-    def cov(self) -> Tensor | None:
-        c = self.__dict__.get("_cov")
-        if c is None and self.__dict__.get("_estimator") is not None:
-            est = self._estimator
-            c = self._summed(est.covariance_)
-            self._cov = c
-        return c
-
-    @cov.setter
-    def cov(self, value):
-        self._cov = value
-
-    @property
-    def precision(self) -> Tensor | None:
-        p = self.__dict__.get("_precision")
-        if p is None and self.cov is not None:
-            p = torch.linalg.inv(self.cov)
-            self._precision = p
-        return p
-
-    @precision.setter
-    def precision(self, value):
-        self._precision = value
+    cov = _cached_summed_covariance("_cov", "covariance_")
+    precision = _cached_inverse("_precision", "cov")
 
     def _summed(self, cov64: Tensor) -> Tensor:
         """pytorch-ood's covariance from our MLE one: N·Σ + 1e-6·I, float32 on mu's device."""
@@ -164,16 +187,6 @@ class Mahalanobis(_OodFastMixin, _pod.Mahalanobis):
     """
 
     _estimator_name = "Mahalanobis"
-
-    def __init__(
-        self,
-        encoder: Callable[[Tensor], Tensor] | None,
-        *,
-        backend: str | None = None,
-        precision: str = "fp32",
-    ):
-        super().__init__(encoder)
-        self._init_fast(backend, precision)
 
     def fit_features(self, z: Tensor, y: Tensor):
         """Fit the class means and the shared covariance on features ``[N, D]`` and labels ``[N]``
@@ -199,16 +212,6 @@ class RMD(_OodFastMixin, _pod.RMD):
 
     _estimator_name = "RelativeMahalanobis"
 
-    def __init__(
-        self,
-        encoder: Callable[[Tensor], Tensor] | None,
-        *,
-        backend: str | None = None,
-        precision: str = "fp32",
-    ):
-        super().__init__(encoder)
-        self._init_fast(backend, precision)
-
     def fit_features(self, z: Tensor, y: Tensor):
         """Fit the class Gaussians and the background Gaussian. Returns self."""
         est = self._fit_estimator(z, y)
@@ -217,29 +220,8 @@ class RMD(_OodFastMixin, _pod.RMD):
         self._bg_precision = None
         return self
 
-    @property
-    def background_cov(self) -> Tensor | None:
-        c = self.__dict__.get("_bg_cov")
-        if c is None and self.__dict__.get("_estimator") is not None:
-            c = self._summed(self._estimator.background_covariance_)
-            self._bg_cov = c
-        return c
-
-    @background_cov.setter
-    def background_cov(self, value):
-        self._bg_cov = value
-
-    @property
-    def background_precision(self) -> Tensor | None:
-        p = self.__dict__.get("_bg_precision")
-        if p is None and self.background_cov is not None:
-            p = torch.linalg.inv(self.background_cov)
-            self._bg_precision = p
-        return p
-
-    @background_precision.setter
-    def background_precision(self, value):
-        self._bg_precision = value
+    background_cov = _cached_summed_covariance("_bg_cov", "background_covariance_")
+    background_precision = _cached_inverse("_bg_precision", "background_cov")
 
     @torch.no_grad()
     def predict_features(self, z: Tensor) -> Tensor:

@@ -313,6 +313,18 @@ def _scale_cols(lin: nn.Linear, s: torch.Tensor):
     lin.weight.data.mul_(s[None, :])
 
 
+def _online_rotation(method: str, online_klt: bool, site_stats, smooth, n: int, seed: int):
+    """The online rotation of an ``n``-wide input (out_proj's, x_proj's): a random Hadamard for
+    QuaRot and for MambaQuant without ``online_klt``, else for MambaQuant the KLT of the
+    covariance of what the rotation sees, x / s (``smooth`` [n]); None for the other methods."""
+    if method == "quarot" or (method == "mambaquant" and not online_klt):
+        return _online_hadamard(n, seed)
+    if method == "mambaquant":
+        cov = site_stats.cov.covariance
+        return _klt(cov / smooth[:, None] / smooth[None, :], seed).float()
+    return None
+
+
 def _fuse(m: MambaLM, stats, method: str, seed: int, alpha: float, online_klt: bool):
     """Rewrite the float64 copy ``m`` in place; return ``{(i, site) | "lm_head": (rot, smooth)}``
     (the online rotation spec and online smoothing of each linear)."""
@@ -374,21 +386,13 @@ def _fuse(m: MambaLM, stats, method: str, seed: int, alpha: float, online_klt: b
             mx.gate_scale = s.clone()
             _scale_cols(mx.out_proj, s)
             smooth_g = s
-        if method == "quarot" or (method == "mambaquant" and not online_klt):
-            rot_g = _online_hadamard(di, base + 1)
-        elif method == "mambaquant":
-            cov = stats[(i, "out_proj")].cov.covariance
-            rot_g = _klt(cov / smooth_g[:, None] / smooth_g[None, :], base + 1).float()
+        rot_g = _online_rotation(method, online_klt, stats[(i, "out_proj")], smooth_g, di, base + 1)
         plans[(i, "out_proj")] = (rot_g, None)
         # ---- x_proj input: online smoothing (in the quantize pass) and rotation
         rot_x = smooth_x = None
         if method in ("smoothquant", "mambaquant"):
             smooth_x = _smooth(stats[(i, "x_proj")].absmax, wx, alpha)
-        if method == "quarot" or (method == "mambaquant" and not online_klt):
-            rot_x = _online_hadamard(di, base + 2)
-        elif method == "mambaquant":
-            cov = stats[(i, "x_proj")].cov.covariance
-            rot_x = _klt(cov / smooth_x[:, None] / smooth_x[None, :], base + 2).float()
+        rot_x = _online_rotation(method, online_klt, stats[(i, "x_proj")], smooth_x, di, base + 2)
         plans[(i, "x_proj")] = (rot_x, smooth_x)
         # ---- smoothquant in_proj: s folded into the norm weight
         if method == "smoothquant":
@@ -477,21 +481,27 @@ def quantize_mamba(
     if not quantize_head:
         plans.pop("lm_head")
 
-    def build(**kw) -> MambaLM:
+    def build(static: dict, **kw) -> MambaLM:
+        """A copy of the fused float64 model with every planned linear a QuantLinear (``kw``
+        and ``static[key]``, its static activation scale, to quantize_linear), float32 on
+        ``device``, in eval mode."""
         mm = copy.deepcopy(m64)
         for key, (rot, smooth) in plans.items():
             parent, name = _get(mm, key)
-            setattr(
-                parent,
-                name,
-                quantize_linear(getattr(parent, name), rotation=rot, smooth=smooth, **kw),
+            lin = quantize_linear(
+                getattr(parent, name),
+                rotation=rot,
+                smooth=smooth,
+                static_scale=static.get(key),
+                **kw,
             )
+            setattr(parent, name, lin)
         return mm.to(torch.float32).to(device).eval()
 
     static = {}
     if a_bits is not None and act_granularity == "per_tensor":
         # Pass 2: absmax of every QuantLinear's transformed input in the float transformed model.
-        flt = build(w_bits=None, a_bits=None, act_granularity="per_tensor")
+        flt = build({}, w_bits=None, a_bits=None, act_granularity="per_tensor")
         absmax = {key: 0.0 for key in plans}
         hooks = []
         for key in plans:
@@ -512,23 +522,12 @@ def quantize_mamba(
         static = {key: max(a / qmax, 1e-12) for key, a in absmax.items()}
         del flt
 
-    out = copy.deepcopy(m64)
-    for key, (rot, smooth) in plans.items():
-        parent, name = _get(out, key)
-        setattr(
-            parent,
-            name,
-            quantize_linear(
-                getattr(parent, name),
-                rotation=rot,
-                smooth=smooth,
-                act_granularity=act_granularity,
-                static_scale=static.get(key),
-                w_bits=w_bits,
-                a_bits=a_bits,
-                w_percentile=w_percentile,
-            ),
-        )
-    out = out.to(torch.float32).to(device).eval()
+    out = build(
+        static,
+        act_granularity=act_granularity,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        w_percentile=w_percentile,
+    )
     out.quant_method = method
     return out
