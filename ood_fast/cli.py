@@ -33,6 +33,12 @@ ENV_VARS = {
     "OOD_FAST_CUDA_ARCHS": "at install: CUDA architectures to compile for, e.g. 90 or 80;90",
     "OOD_FAST_CUDA_SYNC": "1: synchronize after every CUDA kernel, so a fault is reported where it happens",
     "OOD_FAST_BENCH_FULL": "1: run the slow ImageNet-scale benchmark groups (same as --run-slow)",
+    "OOD_FAST_KNN_BF16_PASS": "0: no AMX pass for bf16 banks in the C++ knn (same results, slower)",
+    "OOD_FAST_KNN_CHUNK_BYTES": "tests: bytes of packed bank per chunk in the C++ knn (64 MiB)",
+    "OOD_FAST_KNN_MARGIN": "tests: extra candidates of the bf16 pass (default max(64, k/2))",
+    "OOD_FAST_HADAMARD_ISA": "tests: generic forces the portable C++ hadamard / rotate_quantize",
+    "OOD_FAST_HADAMARD_STREAM": "0/1: non-temporal stores off/on in the C++ hadamard (default: >= 8 MiB)",
+    "OOD_FAST_INT8_ISA": "amx | vnni | generic: force the C++ int8_linear kernel (default: fastest)",
 }
 
 
