@@ -654,3 +654,32 @@ def test_ops_nonfinite_raise_through_cpu(n, dtype, where, value):
         assert str(got.value) == msg, kw
     ops.hadamard(x, backend="cpu", check_finite=False)  # no check: no error
     ops.rotate_quantize(x, "hadamard", backend="cpu", check_finite=False)
+
+
+@pytest.mark.parametrize("n", [12 * 16, 1536, 20 * 64, 5120, 28 * 128, 12 * 1024])
+def test_hadamard_mix_paths(n, monkeypatch):
+    """K > 1 on AVX-512: the sign-set mix (+-1 H_K), the K-FMA mix (OOD_FAST_HADAMARD_MIX=fma),
+    and the FMA fallback for an H_K that is not +-1; all against float64."""
+    if not _C.cpu_features()["avx512f"]:
+        pytest.skip("no AVX-512 on this CPU")
+    K, _ = _factorize(n)
+    x, s = _x(5, n, seed=n), _signs(n)
+    hk = _hk(K)
+    ref = _ref(x.numpy(), hk, 0.5, s.numpy())
+    sign = run_hadamard(x, hk, 0.5, signs=s)
+    monkeypatch.setenv("OOD_FAST_HADAMARD_MIX", "fma")
+    fma = run_hadamard(x, hk, 0.5, signs=s)
+    monkeypatch.delenv("OOD_FAST_HADAMARD_MIX")
+    for got in (sign, fma):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=3e-6 * np.sqrt(n))
+    h2 = (hk * np.linspace(0.5, 1.5, K * K, dtype=np.float32).reshape(K, K)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_hadamard(x, h2, 0.5, signs=s).numpy(),
+        _ref(x.numpy(), h2, 0.5, s.numpy()),
+        rtol=1e-5,
+        atol=3e-6 * np.sqrt(n),
+    )
+    # rotate_quantize takes the same mix: codes within 1 of the float64 ones
+    codes, scales, _ = run_rq(x, K, hk, s, None, True, True, None, 8)
+    y64 = _ref(x.numpy(), hk, 1 / np.sqrt(n), s.numpy())
+    check_codes(y64, codes, scales, None, True, True, None, 8, 1e-3)

@@ -111,6 +111,13 @@ bool use_avx512() {
   return has;
 }
 
+// The sign-set mix for K > 1 (fwht.h, Plan::set_mix); OOD_FAST_HADAMARD_MIX=fma keeps the K-FMA mix
+// (for measurements and tests).
+bool want_sign_mix() {
+  const char* env = std::getenv("OOD_FAST_HADAMARD_MIX");
+  return !(env && std::string(env) == "fma");
+}
+
 // Non-temporal stores for outputs of at least 8 MiB (they would not stay in cache for a consumer
 // anyway, and skip the read-for-ownership of each written line); OOD_FAST_HADAMARD_STREAM=0 / 1
 // forces them off / on (for measurements).
@@ -523,7 +530,8 @@ bool hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
   const float* signs = reinterpret_cast<const float*>(signs_ptr);
   // K = 1: H_1 is [[h]] (normally 1); fold it into the scale.
   const float s = static_cast<float>(scale) * (K == 1 && hk ? hk[0] : 1.0f);
-  const Plan pl = Plan::make(n, K);
+  Plan pl = Plan::make(n, K);
+  if (want_sign_mix()) pl.set_mix(hk);
   const gemm::Buffer<float> m = make_multiplier(n, s, signs, nullptr);
   const bool vec = use_avx512() && pl.L >= 16;
   const int nt = pick_threads(num_threads, rows, n);
@@ -681,6 +689,7 @@ bool rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   gemm::Buffer<float> m;
   if (rq.rotate) {
     rq.pl = Plan::make(n, K);
+    if (want_sign_mix()) rq.pl.set_mix(hk);
     const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))) * (K == 1 && hk ? hk[0] : 1.0f);
     m = make_multiplier(n, s, reinterpret_cast<const float*>(signs_ptr), rq.smooth);
     rq.m = m.data();
