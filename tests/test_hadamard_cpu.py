@@ -538,3 +538,148 @@ def test_ops_rotate_quantize_cpu_vs_torch(n, symmetric, granularity):
     assert a.codes.dtype == b.codes.dtype and a.codes.shape == b.codes.shape
     assert (a.codes.int() - b.codes.int()).abs().max() <= 1
     assert (a.codes != b.codes).float().mean() < 1e-3  # only at near-ties
+
+
+# ------------------------------------------------------------------------------------------
+# NaN/Inf: the kernels report them from their own pass (the ops' check_finite on cpu)
+# ------------------------------------------------------------------------------------------
+
+NONFINITE_N = [16, 256, 4096, 8192, 12, 1536, 5120, 7168]  # load pass only .. 2 radix passes, K > 1
+NONFINITE_AT = {"first": (0, 0), "last": (-1, -1), "middle-row": (2, 37)}
+
+
+def _poisoned(rows, n, dtype, where, value):
+    x = _x(rows, n, seed=n, dtype=DT[dtype])
+    r, c = NONFINITE_AT[where]
+    x[r, c % n] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("where", list(NONFINITE_AT))
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("n", NONFINITE_N)
+def test_hadamard_reports_nonfinite(n, dtype, where, value, isa):
+    K, _ = _factorize(n)
+    hk = _hk(K)
+    x = _x(5, n, seed=n, dtype=DT[dtype])
+    code = {v: k for k, v in DT.items()}[x.dtype]
+    out = torch.empty_like(x)
+    assert _C.hadamard(_ptr(x), code, 5, n, K, _ptr(hk), 0, 0.1, _ptr(out), NT) is False
+    x = _poisoned(5, n, dtype, where, value)
+    assert _C.hadamard(_ptr(x), code, 5, n, K, _ptr(hk), 0, 0.1, _ptr(out), NT) is True
+    # a zero scale (every multiplier 0) still reports: Inf * 0 = NaN
+    assert _C.hadamard(_ptr(x), code, 5, n, K, _ptr(hk), 0, 0.0, _ptr(out), NT) is True
+
+
+def _rq_report(x, n, K, per_token, symmetric, static, nt=NT, smooth=None):
+    rows = x.shape[0]
+    code = {v: k for k, v in DT.items()}[x.dtype]
+    hk = _hk(K) if K else None
+    codes = torch.empty(rows, n, dtype=torch.int8 if symmetric else torch.uint8)
+    scales = torch.empty(rows if per_token else 1)
+    zeros = None if symmetric else torch.empty(rows if per_token else 1, dtype=torch.int32)
+    return _C.rotate_quantize(
+        _ptr(x), code, rows, n, K, _ptr(hk), 0, _ptr(smooth), per_token, symmetric,
+        float(static or 0.0), 8, _ptr(codes), _ptr(scales), _ptr(zeros), nt,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: f"tok{int(m[0])}-sym{int(m[1])}-st{m[2]}")
+@pytest.mark.parametrize("where", list(NONFINITE_AT))
+@pytest.mark.parametrize("n", [16, 4096, 8192, 1536, 7168, 100])  # 100: K = 0 only
+def test_rotate_quantize_reports_nonfinite(n, where, mode, isa):
+    per_token, symmetric, static = mode
+    Ks = [0] if n == 100 else [0, _factorize(n)[0]]
+    for K in Ks:
+        for dtype, value in (("f32", float("nan")), ("f16", float("inf")), ("bf16", -float("inf"))):
+            x = _x(5, n, seed=n, dtype=DT[dtype])
+            assert _rq_report(x, n, K, per_token, symmetric, static) is False
+            x = _poisoned(5, n, dtype, where, value)
+            assert _rq_report(x, n, K, per_token, symmetric, static) is True, (K, dtype)
+
+
+@pytest.mark.parametrize("rows,nt", [(300, 2), (600, 1)])  # per tensor: rows kept / read twice
+def test_rotate_quantize_reports_nonfinite_per_tensor_paths(rows, nt):
+    n = 1024
+    for r in (0, rows // 2, rows - 1):
+        x = _x(rows, n, seed=5)
+        x[r, 7] = float("nan")
+        for symmetric in (True, False):
+            assert _rq_report(x, n, 1, False, symmetric, None, nt=nt) is True
+
+
+def test_reports_finite_overflow_but_ops_do_not_raise():
+    """A finite row that overflows in the transform may be reported; the op's scan clears it."""
+    n = 4096
+    x = torch.full((3, n), 3e38)
+    out = torch.empty_like(x)
+    hk = _hk(1)
+    assert _C.hadamard(_ptr(x), "f32", 3, n, 1, _ptr(hk), 0, 1.0, _ptr(out), NT) is True
+    ops = _ops()
+    assert torch.isinf(ops.hadamard(x, 1.0, backend="cpu")).any()  # no ValueError
+    ops.rotate_quantize(x, "hadamard", backend="cpu")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=str)
+@pytest.mark.parametrize("where", list(NONFINITE_AT))
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("n", [16, 4096, 1536, 5120])
+def test_ops_nonfinite_raise_through_cpu(n, dtype, where, value):
+    """Same ValueError as the torch backend's pre-scan, for every op mode, every position."""
+    ops = _ops()
+    x = _poisoned(6, n, dtype, where, value).reshape(2, 3, n)
+    with pytest.raises(ValueError) as want:
+        ops.hadamard(x, backend="torch")
+    msg = str(want.value)
+    assert "non-finite" in msg
+    with pytest.raises(ValueError) as got:
+        ops.hadamard(x, backend="cpu")
+    assert str(got.value) == msg
+    y = x.clone()
+    with pytest.raises(ValueError) as got:  # in place: the pre-scan path, y left untouched
+        ops.hadamard(y, out=y, backend="cpu")
+    assert str(got.value) == msg and torch.equal(y.isnan(), x.isnan())
+    rot = ops.random_hadamard(n, seed=3)
+    for kw in (
+        {"rotation": rot},
+        {"rotation": "hadamard", "granularity": "per_tensor"},
+        {"rotation": "hadamard", "symmetric": False},
+        {"rotation": rot, "static_scale": 0.1, "granularity": "per_tensor"},
+        {"smooth": torch.rand(n) + 0.5},
+        {},
+    ):
+        with pytest.raises(ValueError) as got:
+            ops.rotate_quantize(x, backend="cpu", **kw)
+        assert str(got.value) == msg, kw
+    ops.hadamard(x, backend="cpu", check_finite=False)  # no check: no error
+    ops.rotate_quantize(x, "hadamard", backend="cpu", check_finite=False)
+
+
+@pytest.mark.parametrize("n", [12 * 16, 1536, 20 * 64, 5120, 28 * 128, 12 * 1024])
+def test_hadamard_mix_paths(n, monkeypatch):
+    """K > 1 on AVX-512: the sign-set mix (+-1 H_K), the K-FMA mix (OOD_FAST_HADAMARD_MIX=fma),
+    and the FMA fallback for an H_K that is not +-1; all against float64."""
+    if not _C.cpu_features()["avx512f"]:
+        pytest.skip("no AVX-512 on this CPU")
+    K, _ = _factorize(n)
+    x, s = _x(5, n, seed=n), _signs(n)
+    hk = _hk(K)
+    ref = _ref(x.numpy(), hk, 0.5, s.numpy())
+    sign = run_hadamard(x, hk, 0.5, signs=s)
+    monkeypatch.setenv("OOD_FAST_HADAMARD_MIX", "fma")
+    fma = run_hadamard(x, hk, 0.5, signs=s)
+    monkeypatch.delenv("OOD_FAST_HADAMARD_MIX")
+    for got in (sign, fma):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=3e-6 * np.sqrt(n))
+    h2 = (hk * np.linspace(0.5, 1.5, K * K, dtype=np.float32).reshape(K, K)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_hadamard(x, h2, 0.5, signs=s).numpy(),
+        _ref(x.numpy(), h2, 0.5, s.numpy()),
+        rtol=1e-5,
+        atol=3e-6 * np.sqrt(n),
+    )
+    # rotate_quantize takes the same mix: codes within 1 of the float64 ones
+    codes, scales, _ = run_rq(x, K, hk, s, None, True, True, None, 8)
+    y64 = _ref(x.numpy(), hk, 1 / np.sqrt(n), s.numpy())
+    check_codes(y64, codes, scales, None, True, True, None, 8, 1e-3)

@@ -48,6 +48,7 @@ class FakeC:
 
     def __init__(self):
         self.calls = []
+        self.report = False  # True: report "may be non-finite" for every call (finite overflow)
 
     def hadamard(self, x_ptr, dtype, rows, n, K, hk_ptr, signs_ptr, scale, out_ptr, num_threads):
         assert isinstance(num_threads, int) and num_threads >= 1
@@ -60,6 +61,8 @@ class FakeC:
         signs = at(signs_ptr, n, torch.float32).clone() if signs_ptr else None
         at(out_ptr, rows * n, dt).copy_(href.hadamard(x, scale, signs).view(-1))
         self.calls.append(("hadamard", dtype, rows, n, scale, signs_ptr != 0))
+        # the contract's report: True when some x value may be NaN/Inf (here: exactly)
+        return self.report or not bool(torch.isfinite(x).all())
 
     def rotate_quantize(self, x_ptr, dtype, rows, n, K, hk_ptr, signs_ptr, smooth_ptr, per_token,
                         symmetric, static_scale, bits, codes_ptr, scales_ptr, zeros_ptr,
@@ -67,6 +70,7 @@ class FakeC:
         assert isinstance(per_token, bool) and isinstance(symmetric, bool)
         assert isinstance(static_scale, float) and isinstance(bits, int)
         x = at(x_ptr, rows * n, _CODE[dtype]).view(rows, n).float()
+        report = self.report or not bool(torch.isfinite(x).all())
         if K:
             assert K == href.factorize(n)[0]
             hk = at(hk_ptr, K * K, torch.float32).view(K, K).double()
@@ -87,6 +91,7 @@ class FakeC:
         else:
             at(zeros_ptr, ns, torch.int32).copy_(q.zero_point.reshape(-1))
         self.calls.append(("rotate_quantize", K, per_token, symmetric, static_scale, bits))
+        return report
 
     def Int8Weight(self, qw_ptr, N, K):  # noqa: N802 (the binding's name)
         fake = self
@@ -169,6 +174,36 @@ def test_cpu_rotate_quantize_adapter(fake_cpu, kw):
     call = fake_cpu.calls[-1]
     assert call[0] == "rotate_quantize"
     assert call[1] == (0 if rot in (None, "dense") else 12)  # 48 = 12·4: K = 12
+
+
+def test_cpu_adapters_check_finite_after_the_call(fake_cpu):
+    """cpu reports NaN/Inf itself: x is scanned after the call, only when it reports some."""
+    x = torch.randn(3, 24)
+    bad = x.clone()
+    bad[1, 5] = float("nan")
+    msg = r"x: 1 non-finite values \(NaN/Inf\); first at index \(1, 5\)"
+    with pytest.raises(ValueError, match=msg):
+        public_ops.hadamard(bad, backend="cpu")
+    assert fake_cpu.calls[-1][0] == "hadamard"  # the kernel ran first: no pre-scan
+    with pytest.raises(ValueError, match=msg):
+        public_ops.rotate_quantize(bad, "hadamard", backend="cpu")
+    assert fake_cpu.calls[-1][0] == "rotate_quantize"
+    # check_finite=False: the report is ignored
+    public_ops.hadamard(bad, backend="cpu", check_finite=False)
+    public_ops.rotate_quantize(bad, backend="cpu", check_finite=False)
+    # in place (x is overwritten) and a dense rotation: scanned before, the kernel never runs
+    calls = len(fake_cpu.calls)
+    with pytest.raises(ValueError, match=msg):
+        public_ops.hadamard(bad, out=bad, backend="cpu")
+    with pytest.raises(ValueError, match=msg):
+        public_ops.rotate_quantize(bad, torch.eye(24), backend="cpu")
+    assert len(fake_cpu.calls) == calls
+    # a report for finite x (a row that overflowed): the scan finds nothing, no error
+    fake_cpu.report = True
+    got = public_ops.hadamard(x, backend="cpu")
+    assert torch.equal(got, public_ops.hadamard(x, backend="torch"))
+    q = public_ops.rotate_quantize(x, "hadamard", backend="cpu")
+    assert torch.equal(q.codes, public_ops.rotate_quantize(x, "hadamard", backend="torch").codes)
 
 
 def test_cpu_int8_linear_adapter_packs_once(fake_cpu):

@@ -13,7 +13,11 @@
 //      16 .. 8R across registers;
 //   2. the remaining p - 8 stages in radix-2^t passes (t <= 4, stages balanced over the passes)
 //      over the row's fp32 buffer while it sits in L1/L2;
-//   3. for K > 1 the mix: each output vector is K FMAs with broadcast H_K[a, c].
+//   3. for K > 1 the mix. H_K all +-1 (always, from ops): the sign-set mix, output c = 2 P - S or
+//      S - 2 M with S the sum of the K sub-rows and P / M the sum over the smaller of the +1 / -1
+//      sets of column c (K / 2 + 2 adds per output vector, ~1.2x the K = 20/28 transform; fp32
+//      results differ from the plain sum in the last bits); any other H: K FMAs per output
+//      vector with broadcast H_K[a, c].
 // The last of these writes to the caller's sink (conversion + store, or statistics for the
 // quantizer); earlier ones to the fp32 work buffer. Needs L >= 16; smaller L use the portable path.
 #pragma once
@@ -66,6 +70,15 @@ struct Plan {
   int npass = 0;      // further radix passes
   int pass_t[32] = {};
   int64_t pass_s[32] = {};  // stride (elements) of each pass's first stage
+  // Sign-set mix (set_mix: H all +-1, K <= kMixMax): output c = 2 P - S or S - 2 M, S the sum of
+  // all K sub-rows and P / M the sum over the smaller of {a: H[a, c] = +1} / {a: H[a, c] = -1}
+  // (mix_idx[mix_off[c] .. mix_off[c + 1]), mix_neg[c] true for M): about K / 2 + 2 adds per
+  // output vector instead of K FMAs.
+  static constexpr int kMixMax = 32;
+  bool mix_pm1 = false;
+  int mix_off[kMixMax + 1] = {};
+  int16_t mix_idx[kMixMax * kMixMax] = {};
+  bool mix_neg[kMixMax] = {};
 
   static Plan make(int64_t n, int64_t K) {
     Plan pl;
@@ -83,6 +96,25 @@ struct Plan {
       s <<= pl.pass_t[k];
     }
     return pl;
+  }
+
+  // Enables the sign-set mix when H [K, K] is all +-1 (else the mix stays K FMAs per output).
+  void set_mix(const float* H) {
+    mix_pm1 = false;
+    if (K <= 1 || K > kMixMax || !H) return;
+    for (int64_t i = 0; i < K * K; ++i)
+      if (H[i] != 1.0f && H[i] != -1.0f) return;
+    int at = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      int plus = 0;
+      for (int64_t a = 0; a < K; ++a) plus += H[a * K + c] > 0.0f;
+      mix_neg[c] = 2 * plus > K;  // the minus set is the smaller one
+      mix_off[c] = at;
+      for (int64_t a = 0; a < K; ++a)
+        if ((H[a * K + c] > 0.0f) != mix_neg[c]) mix_idx[at++] = static_cast<int16_t>(a);
+    }
+    mix_off[K] = at;
+    mix_pm1 = true;
   }
 };
 
@@ -221,6 +253,73 @@ OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_pass(const float* y, const float* H, 
   if (j < L) mix_cols<1>(y, H, K, L, j, snk);
 }
 
+// Sign-set mix (Plan::set_mix) of columns j .. j + 16 JV: S first (two chains), then per output
+// the sum over its index set in two chains (add latency, not throughput, would bound one chain).
+template <int JV, class Snk>
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_pm1_cols(const float* y, const Plan& pl, int64_t j, Snk& snk) {
+  const int64_t K = pl.K, L = pl.L;
+  const float* yj = y + j;
+  __m512 S[JV], t0[JV], t1[JV];
+#pragma GCC unroll 4
+  for (int u = 0; u < JV; ++u) {
+    t0[u] = _mm512_load_ps(yj + 16 * u);
+    t1[u] = _mm512_setzero_ps();
+  }
+  int64_t a = 1;
+  for (; a + 1 < K; a += 2)
+#pragma GCC unroll 4
+    for (int u = 0; u < JV; ++u) {
+      t0[u] = _mm512_add_ps(t0[u], _mm512_load_ps(yj + a * L + 16 * u));
+      t1[u] = _mm512_add_ps(t1[u], _mm512_load_ps(yj + (a + 1) * L + 16 * u));
+    }
+  if (a < K)
+#pragma GCC unroll 4
+    for (int u = 0; u < JV; ++u) t0[u] = _mm512_add_ps(t0[u], _mm512_load_ps(yj + a * L + 16 * u));
+#pragma GCC unroll 4
+  for (int u = 0; u < JV; ++u) S[u] = _mm512_add_ps(t0[u], t1[u]);
+  const __m512 two = _mm512_set1_ps(2.0f);
+  for (int64_t c = 0; c < K; ++c) {
+    const int16_t* ix = pl.mix_idx + pl.mix_off[c];
+    const int m = pl.mix_off[c + 1] - pl.mix_off[c];
+#pragma GCC unroll 4
+    for (int u = 0; u < JV; ++u) t0[u] = t1[u] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 1 < m; k += 2) {
+      const float* ya = yj + ix[k] * L;
+      const float* yb = yj + ix[k + 1] * L;
+#pragma GCC unroll 4
+      for (int u = 0; u < JV; ++u) {
+        t0[u] = _mm512_add_ps(t0[u], _mm512_load_ps(ya + 16 * u));
+        t1[u] = _mm512_add_ps(t1[u], _mm512_load_ps(yb + 16 * u));
+      }
+    }
+    if (k < m)
+#pragma GCC unroll 4
+      for (int u = 0; u < JV; ++u) t0[u] = _mm512_add_ps(t0[u], _mm512_load_ps(yj + ix[k] * L + 16 * u));
+    __m512 o[JV];
+#pragma GCC unroll 4
+    for (int u = 0; u < JV; ++u) {
+      const __m512 p = _mm512_add_ps(t0[u], t1[u]);
+      o[u] = pl.mix_neg[c] ? _mm512_fnmadd_ps(p, two, S[u]) : _mm512_fmsub_ps(p, two, S[u]);
+      snk.put(c * L + j + 16 * u, o[u]);
+    }
+    snk.template observe<JV>(o);
+  }
+}
+
+template <class Snk>
+OOD_TARGET_AVX512 OOD_FWHT_INLINE void mix_pm1_pass(const float* y, const Plan& pl, Snk& snk, Prefetch& pf) {
+  int64_t j = 0;
+  for (; j + 64 <= pl.L; j += 64) {
+    mix_pm1_cols<4>(y, pl, j, snk);
+    pf.step(static_cast<int>(4 * pl.K));
+  }
+  for (; j < pl.L; j += 16) {
+    mix_pm1_cols<1>(y, pl, j, snk);
+    pf.step(static_cast<int>(pl.K));
+  }
+}
+
 template <class Src, class Snk>
 OOD_TARGET_AVX512 OOD_FWHT_INLINE void dispatch_load(const Plan& pl, const Src& src, Snk& snk) {
   switch (pl.first_log) {
@@ -261,7 +360,12 @@ OOD_TARGET_AVX512 OOD_FWHT_INLINE void avx512_transform(const Plan& pl, const Sr
     else
       dispatch_radix(pl.pass_t[k], y, buf, pl.n, pl.pass_s[k], pf);
   }
-  if (pl.K > 1) mix_pass(y, H, pl.K, pl.L, snk, pf);
+  if (pl.K > 1) {
+    if (pl.mix_pm1)
+      mix_pm1_pass(y, pl, snk, pf);
+    else
+      mix_pass(y, H, pl.K, pl.L, snk, pf);
+  }
 }
 
 #endif  // OOD_FAST_X86

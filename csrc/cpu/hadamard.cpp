@@ -111,6 +111,13 @@ bool use_avx512() {
   return has;
 }
 
+// The sign-set mix for K > 1 (fwht.h, Plan::set_mix); OOD_FAST_HADAMARD_MIX=fma keeps the K-FMA mix
+// (for measurements and tests).
+bool want_sign_mix() {
+  const char* env = std::getenv("OOD_FAST_HADAMARD_MIX");
+  return !(env && std::string(env) == "fma");
+}
+
 // Non-temporal stores for outputs of at least 8 MiB (they would not stay in cache for a consumer
 // anyway, and skip the read-for-ownership of each written line); OOD_FAST_HADAMARD_STREAM=0 / 1
 // forces them off / on (for measurements).
@@ -270,7 +277,9 @@ struct SrcMul {
 template <int DT, bool STREAM>
 struct OutSink {
   void* out;
+  float first = 0.0f;  // output element 0 in fp32: the row's finiteness probe (see hadamard())
   OOD_TARGET_AVX512 OOD_FWHT_INLINE void put(int64_t i, __m512 v) {
+    if (i == 0) first = _mm512_cvtss_f32(v);
     if (DT == kF32) {
       if (STREAM)
         _mm512_stream_ps(static_cast<float*>(out) + i, v);
@@ -442,15 +451,18 @@ OOD_TARGET_AVX512 void avx512_transform_stats(const Plan& pl, const void* xrow, 
 }
 
 // K = 0: z = x / smooth (true division) or x, with its extremes. z has room for n rounded up to 16.
-OOD_TARGET_AVX512 void avx512_prepare_stats(const void* xrow, int dt, const float* smooth, int64_t n, float* z,
+// Returns whether some z is NaN/Inf (no mixing here: every lane is checked, by vfpclassps).
+OOD_TARGET_AVX512 bool avx512_prepare_stats(const void* xrow, int dt, const float* smooth, int64_t n, float* z,
                                             Stats& st) {
   __m512 mx = _mm512_setzero_ps(), mn = _mm512_setzero_ps(), am = _mm512_setzero_ps();
   const __m512 one = _mm512_set1_ps(1.0f);
+  __mmask16 bad = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1u);
     __m512 v = load16_masked(xrow, dt, i, k);  // tail lanes 0: neutral for all three extremes
     if (smooth) v = _mm512_div_ps(v, _mm512_mask_loadu_ps(one, k, smooth + i));
     _mm512_store_ps(z + i, v);
+    bad = _kor_mask16(bad, _mm512_fpclass_ps_mask(v, 0x99));  // QNaN | +Inf | -Inf | SNaN
     mx = _mm512_max_ps(mx, v);
     mn = _mm512_min_ps(mn, v);
     am = _mm512_max_ps(am, _mm512_abs_ps(v));
@@ -458,13 +470,16 @@ OOD_TARGET_AVX512 void avx512_prepare_stats(const void* xrow, int dt, const floa
   st.absmax = std::max(st.absmax, _mm512_reduce_max_ps(am));
   st.hi = std::max(st.hi, _mm512_reduce_max_ps(mx));
   st.lo = std::min(st.lo, _mm512_reduce_min_ps(mn));
+  return bad != 0;
 }
 
+// Returns whether output element 0 (in fp32) is NaN/Inf: see hadamard() for why that suffices.
 template <int DT, bool STREAM = false>
-OOD_TARGET_AVX512 void avx512_hadamard_row(const Plan& pl, const void* xrow, const float* m, const float* H,
+OOD_TARGET_AVX512 bool avx512_hadamard_row(const Plan& pl, const void* xrow, const float* m, const float* H,
                                            float* y, void* orow, fwht::Prefetch& pf) {
   OutSink<DT, STREAM> snk{orow};
   fwht::avx512_transform(pl, SrcMul<DT>{xrow, m}, y, H, snk, pf);
+  return !std::isfinite(snk.first);
 }
 
 #endif  // OOD_FAST_X86
@@ -495,19 +510,28 @@ gemm::Buffer<float> make_multiplier(int64_t n, float scale, const float* signs, 
 // hadamard
 // ------------------------------------------------------------------------------------------
 
-void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
+// Returns true when some input value may be NaN/Inf, false when all are finite. The probe is one
+// output element per row (element 0, in fp32 before any conversion): every output of the
+// transform is a +-1-weighted sum over all n inputs times the multiplier (the FWHT butterflies and
+// the H_K mix combine every input into every output), and a butterfly (a, b) -> (a + b, a - b)
+// with a non-finite operand gives two non-finite results (Inf - Inf = NaN, NaN stays NaN; a zero
+// multiplier gives Inf * 0 = NaN), so one non-finite input makes every output of its row
+// non-finite. A finite row can still overflow to Inf (huge values or scale): true then too, hence
+// "may"; the caller tells the two apart by scanning x (ops.hadamard does, only when this is true).
+bool hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
               uintptr_t signs_ptr, double scale, uintptr_t out_ptr, int num_threads) {
   const int dt = parse_dtype(dtype, "hadamard");
   check_shape("hadamard", rows, n, K);
   if (!std::isfinite(scale)) throw std::invalid_argument("hadamard: scale must be finite");
-  if (rows == 0) return;
+  if (rows == 0) return false;
   if (!x_ptr || !out_ptr) throw std::invalid_argument("hadamard: null x or out pointer");
   if (K > 1 && !hk_ptr) throw std::invalid_argument("hadamard: K > 1 needs H_K (hk_ptr)");
   const float* hk = reinterpret_cast<const float*>(hk_ptr);
   const float* signs = reinterpret_cast<const float*>(signs_ptr);
   // K = 1: H_1 is [[h]] (normally 1); fold it into the scale.
   const float s = static_cast<float>(scale) * (K == 1 && hk ? hk[0] : 1.0f);
-  const Plan pl = Plan::make(n, K);
+  Plan pl = Plan::make(n, K);
+  if (want_sign_mix()) pl.set_mix(hk);
   const gemm::Buffer<float> m = make_multiplier(n, s, signs, nullptr);
   const bool vec = use_avx512() && pl.L >= 16;
   const int nt = pick_threads(num_threads, rows, n);
@@ -521,12 +545,14 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
     if (K > 1 && !vec) zs[t].resize(nbuf);
   }
   const bool stream = want_stream(rows * n * 4) && dt == kF32 && out_ptr % 64 == 0 && (n * 4) % 64 == 0;
+  std::vector<char> bad_t(nt, 0);
 
 #pragma omp parallel num_threads(nt)
   {
     const int t = thread_id(), T = thread_count();
     const int64_t r0 = rows * t / T, r1 = rows * (t + 1) / T;
     float* y = ys[t].data();
+    bool bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       const void* xr = x + static_cast<size_t>(r) * n * es;
       void* orow = out + static_cast<size_t>(r) * n * es;
@@ -535,25 +561,32 @@ void hadamard(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n
         const size_t rb = static_cast<size_t>(n) * es;
         fwht::Prefetch pf;
         pf = prefetch_row(x, rb, r, r1);
+        bool b;
         switch (dt) {
           case kF32:
             if (stream)
-              avx512_hadamard_row<kF32, true>(pl, xr, m.data(), hk, y, orow, pf);
+              b = avx512_hadamard_row<kF32, true>(pl, xr, m.data(), hk, y, orow, pf);
             else
-              avx512_hadamard_row<kF32>(pl, xr, m.data(), hk, y, orow, pf);
+              b = avx512_hadamard_row<kF32>(pl, xr, m.data(), hk, y, orow, pf);
             break;
-          case kF16: avx512_hadamard_row<kF16>(pl, xr, m.data(), hk, y, orow, pf); break;
-          default: avx512_hadamard_row<kBF16>(pl, xr, m.data(), hk, y, orow, pf); break;
+          case kF16: b = avx512_hadamard_row<kF16>(pl, xr, m.data(), hk, y, orow, pf); break;
+          default: b = avx512_hadamard_row<kBF16>(pl, xr, m.data(), hk, y, orow, pf); break;
         }
+        bad |= b;
         continue;
       }
 #endif
       float* z = K > 1 ? zs[t].data() : y;
       generic_transform(pl, xr, dt, m.data(), hk, y, z);
+      bad |= !std::isfinite(z[0]);
       for (int64_t i = 0; i < n; ++i) store_elem(orow, dt, i, z[i]);
     }
+    bad_t[t] = bad;
     if (stream) store_fence();
   }
+  for (char b : bad_t)
+    if (b) return true;
+  return false;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -571,13 +604,14 @@ struct RQ {
   const float* hk = nullptr;
 
   // Row r transformed into z (y: work buffer; z may be y on the AVX-512 path when K == 1), its
-  // extremes merged into st. Returns z.
-  const float* row(int64_t r, float* y, float* z, Stats& st, fwht::Prefetch* pf) const {
+  // extremes merged into st; bad |= "the row may hold NaN/Inf" (rotated: z[0] non-finite, which
+  // every non-finite input implies, see hadamard(); K = 0: any z non-finite). Returns z.
+  const float* row(int64_t r, float* y, float* z, Stats& st, fwht::Prefetch* pf, bool& bad) const {
     const void* xr = x + static_cast<size_t>(r) * n * dtype_size(dt);
 #ifdef OOD_FAST_X86
     if (vec) {
       if (!rotate) {
-        avx512_prepare_stats(xr, dt, smooth, n, z, st);
+        bad |= avx512_prepare_stats(xr, dt, smooth, n, z, st);
         return z;
       }
       if (asym) {
@@ -593,13 +627,17 @@ struct RQ {
           default: avx512_transform_stats<kBF16, false>(pl, xr, m, hk, y, z, st, *pf); break;
         }
       }
+      bad |= !std::isfinite(z[0]);
       return z;
     }
 #endif
-    if (!rotate)
+    if (!rotate) {
       generic_prepare(xr, dt, smooth, n, z);
-    else
+      for (int64_t i = 0; i < n; ++i) bad |= !std::isfinite(z[i]);
+    } else {
       generic_transform(pl, xr, dt, m, hk, y, z);
+      bad |= !std::isfinite(z[0]);
+    }
     generic_stats(z, n, st);
     return z;
   }
@@ -616,7 +654,9 @@ struct RQ {
   }
 };
 
-void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
+// Returns true when some input value may be NaN/Inf (exact for K = 0; with a rotation, as for
+// hadamard(): also true when a finite row overflows), false when all are finite.
+bool rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, int64_t n, int64_t K, uintptr_t hk_ptr,
                      uintptr_t signs_ptr, uintptr_t smooth_ptr, bool per_token, bool symmetric, double static_scale,
                      int bits, uintptr_t codes_ptr, uintptr_t scales_ptr, uintptr_t zeros_ptr, int num_threads) {
   const char* fn = "rotate_quantize";
@@ -633,7 +673,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   if (is_static && !symmetric) throw std::invalid_argument("rotate_quantize: a static scale needs symmetric");
   if (K > 1 && !hk_ptr) throw std::invalid_argument("rotate_quantize: K > 1 needs H_K (hk_ptr)");
   if (!symmetric && !zeros_ptr) throw std::invalid_argument("rotate_quantize: asymmetric needs zeros_ptr");
-  if (rows == 0 && per_token) return;
+  if (rows == 0 && per_token) return false;
   if ((rows > 0 && (!x_ptr || !codes_ptr)) || !scales_ptr)
     throw std::invalid_argument("rotate_quantize: null x, codes or scales pointer");
 
@@ -649,6 +689,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   gemm::Buffer<float> m;
   if (rq.rotate) {
     rq.pl = Plan::make(n, K);
+    if (want_sign_mix()) rq.pl.set_mix(hk);
     const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))) * (K == 1 && hk ? hk[0] : 1.0f);
     m = make_multiplier(n, s, reinterpret_cast<const float*>(signs_ptr), rq.smooth);
     rq.m = m.data();
@@ -666,6 +707,12 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
   const int nt = pick_threads(num_threads, std::max<int64_t>(rows, 1), n);
   rq.dynamic = !is_static;
   rq.stream = rq.vec && want_stream(rows * n) && codes_ptr % 64 == 0 && n % 64 == 0;
+  std::vector<char> bad_t(nt, 0);
+  const auto any_bad = [&bad_t] {
+    for (char b : bad_t)
+      if (b) return true;
+    return false;
+  };
 
   if (per_token || is_static) {
     // Short rows (<= 16 KiB of fp32) are software-pipelined by one row: row r is transformed (into
@@ -688,6 +735,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
       const float* prev = nullptr;
       QParams qprev;
       fwht::Prefetch pf;
+      bool bad = false;
       for (int64_t r = r0; r <= r1; ++r) {
         const float* zr = nullptr;
         QParams q;
@@ -696,7 +744,7 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
           float* y = z_is_y ? z : ys[t].data();
           Stats st;
           pf = rq.next(r, r1);
-          zr = rq.row(r, y, z, st, &pf);
+          zr = rq.row(r, y, z, st, &pf, bad);
           q = make_params(st, symmetric, sstat, bits);
           if (per_token) {
             scales[r] = q.scale;
@@ -711,9 +759,10 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
         prev = zr;
         qprev = q;
       }
+      bad_t[t] = bad;
       if (rq.stream) store_fence();
     }
-    return;
+    return any_bad();
   }
 
   // Per tensor, dynamic: the global extremes first.
@@ -733,13 +782,15 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
     float* y = ys[t].data();
     Stats st;
     std::vector<const float*> where;
+    bool bad = false;
     for (int64_t r = r0; r < r1; ++r) {
       float* z = keep ? zs[t].data() + (r - r0) * nbuf : (z_is_y ? y : zs[t].data());
       fwht::Prefetch pf = rq.next(r, r1);
-      const float* zr = rq.row(r, y, z, st, &pf);
+      const float* zr = rq.row(r, y, z, st, &pf, bad);
       if (keep) where.push_back(zr);
     }
     part[t] = st;
+    bad_t[t] = bad;
 #pragma omp barrier
 #pragma omp single
     {
@@ -756,12 +807,14 @@ void rotate_quantize(uintptr_t x_ptr, const std::string& dtype, int64_t rows, in
         zr = where[r - r0];
       } else {  // second read of the input: the rows did not fit
         Stats unused;
-        zr = rq.row(r, y, z_is_y ? y : zs[t].data(), unused, &pf);
+        bool unused_bad = false;
+        zr = rq.row(r, y, z_is_y ? y : zs[t].data(), unused, &pf, unused_bad);
       }
       rq.quantize(zr, q, codes + r * n, &pf);
     }
     if (rq.stream) store_fence();
   }
+  return any_bad();
 }
 
 }  // namespace
@@ -773,12 +826,14 @@ void bind_hadamard(py::module_& m) {
         py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
         "out[r] = scale * (x[r] * signs) @ kron(H_K, S_{n/K}) for rows of x [rows, n] (f32|f16|bf16, "
         "contiguous; fp32 arithmetic). hk_ptr: fp32 [K, K] (+-1); signs_ptr: fp32 [n] or 0; out has x's "
-        "dtype and may be x (in place). See csrc/cpu/hadamard.cpp.");
+        "dtype and may be x (in place). Returns True when some x value may be NaN/Inf (always when one is; also "
+        "when a finite row overflows), False when all are finite. See csrc/cpu/hadamard.cpp.");
   m.def("rotate_quantize", &ood_fast::rotate_quantize, py::arg("x_ptr"), py::arg("dtype"), py::arg("rows"),
         py::arg("n"), py::arg("K"), py::arg("hk_ptr"), py::arg("signs_ptr"), py::arg("smooth_ptr"),
         py::arg("per_token"), py::arg("symmetric"), py::arg("static_scale"), py::arg("bits"), py::arg("codes_ptr"),
         py::arg("scales_ptr"), py::arg("zeros_ptr"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
         "Fused (x / smooth) -> Hadamard (1/sqrt(n), signs; K = 0: none) -> int quantization of x [rows, n]. "
         "codes [rows, n] int8 (symmetric) or uint8; scales fp32 [rows] (per token) or [1]; zeros int32 like "
-        "scales or 0 when symmetric; static_scale <= 0: dynamic; bits 2..8. See csrc/cpu/hadamard.cpp.");
+        "scales or 0 when symmetric; static_scale <= 0: dynamic; bits 2..8. Returns True when some x value may be "
+        "NaN/Inf (K = 0: exactly when one is), False when all are finite. See csrc/cpu/hadamard.cpp.");
 }

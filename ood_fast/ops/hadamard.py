@@ -106,8 +106,11 @@ def hadamard(
         signs: ``[n]`` ±1 on x's device (a random-sign rotation), or None.
         out: a contiguous tensor of x's shape, dtype and device to write into (may be x itself:
             in place); None allocates.
-        check_finite: scan x for NaN/Inf first (one extra read of x). False skips the
-            scan: NaN/Inf then simply propagate through the transform.
+        check_finite: raise ValueError when x holds NaN/Inf. The cpu backend detects them
+            during its own pass (no extra read; see ``reports_nonfinite``) and x is scanned only
+            when it reports some, *after* the call: ``out`` then holds garbage. Other backends,
+            and an in-place call (``out`` is x: x is gone after the call), scan x first (one
+            extra read). False skips the check: NaN/Inf then simply propagate.
         backend: ``"cpu"``, ``"triton"``, ``"cuda"``, ``"torch"`` or None (automatic).
 
     Returns:
@@ -131,19 +134,30 @@ def hadamard(
     signs = check_signs(signs, n, x.device)
     if out is not None:
         out = check_out(out, x.shape, x.dtype, x.device)
-    if check_finite:
-        scan_finite(x, "x")
     rows = x.reshape(-1, n) if x.is_contiguous() else x.contiguous().reshape(-1, n)
     out2 = out.view(-1, n) if out is not None else torch.empty_like(rows)
     if rows.shape[0]:
-        _backend.call("hadamard", rows, scale, signs, out2, backend=backend)
+        args = (rows, scale, signs, out2)
+        name = _backend.select("hadamard", *args, backend=backend)
+        after = check_finite and name in reports_nonfinite and out2.data_ptr() != rows.data_ptr()
+        if check_finite and not after:
+            scan_finite(x, "x")
+        maybe_bad = _backend.call("hadamard", *args, backend=name)
+        if after and maybe_bad:  # NaN/Inf, or a finite row that overflowed: the scan decides
+            scan_finite(x, "x")
     return out if out is not None else out2.view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
 # Backends. Contract (inputs validated): hadamard(x [R, n] contiguous, scale: float,
-# signs fp32 [n] | None, out [R, n] contiguous, x's dtype, may alias x) -> out, R >= 1.
+# signs fp32 [n] | None, out [R, n] contiguous, x's dtype, may alias x) -> R >= 1. Returns
+# anything, except the backends in ``reports_nonfinite``: they return a bool, True when some
+# x value may be NaN/Inf (always when one is), False when every value is finite.
 # ---------------------------------------------------------------------------------------------
+
+# Backends whose hadamard / rotate_quantize detect NaN/Inf in their own pass (ops then skip the
+# pre-scan of x): the CPU kernels (see csrc/cpu/hadamard.cpp, ``hadamard``).
+reports_nonfinite = frozenset({"cpu"})
 
 
 @_backend.register("hadamard", "torch")
@@ -178,11 +192,10 @@ def _cpu(x, scale, signs, out):
     R, n = x.shape
     K, _ = factorize(n)
     hk = hk_on(K, x.device)
-    ext.cpu_module().hadamard(
+    return bool(ext.cpu_module().hadamard(
         x.data_ptr(), DTYPE_CODE[x.dtype], R, n, K, hk.data_ptr(),
         0 if signs is None else signs.data_ptr(), scale, out.data_ptr(), ext.num_threads(),
-    )  # fmt: skip
-    return out
+    ))  # fmt: skip
 
 
 @_backend.register("hadamard", "cuda", check=_check("cuda", "hadamard"))

@@ -32,6 +32,7 @@ from .hadamard import (
     check_out,
     check_rows,
     hk_on,
+    reports_nonfinite,
     scan_finite,
 )
 
@@ -163,8 +164,11 @@ def rotate_quantize(
             None for the dynamic absmax scale.
         bits: 2..8.
         out: a QuantizedTensor whose (contiguous) buffers receive the result.
-        check_finite: scan x for NaN/Inf first (one extra read); False skips it (NaN/Inf then
-            give unspecified codes).
+        check_finite: raise ValueError when x holds NaN/Inf. The cpu backend detects them
+            during its own pass (no extra read) and x is scanned only when it reports some,
+            *after* the call: ``out``'s buffers then hold garbage. Other backends and a dense
+            rotation scan x first (one extra read). False skips the check (NaN/Inf then give
+            unspecified codes).
         backend: ``"cpu"``, ``"triton"``, ``"cuda"``, ``"torch"`` or None (automatic).
 
     Returns:
@@ -199,8 +203,10 @@ def rotate_quantize(
             lambda v: _check_vector(v, "smooth", n, device, positive=True),
         )
     codes, scale, zero = _quant_buffers(out, x.shape, x.shape[:-1], per_token, symmetric, device)
-    if check_finite:
+    x_in = x  # what a NaN/Inf message indexes
+    if check_finite and dense is not None:  # the matmul could hide nothing, but BLAS is not ours
         scan_finite(x, "x")
+        check_finite = False
     if x.dtype == torch.float64:
         x = x.to(torch.float32)
     if dense is not None:
@@ -209,15 +215,14 @@ def rotate_quantize(
             y = y / smooth
         x, smooth = y @ dense, None  # the dense rotation in torch, then quantize only (K = 0)
     result = QuantizedTensor(codes, scale, zero, bits, symmetric)
-    if x.numel() == 0:
+    if x.numel() == 0:  # nothing to scan either
         scale.zero_()
         if zero is not None:
             zero.zero_()
         return result
     rows = x.reshape(-1, n) if x.is_contiguous() else x.contiguous().reshape(-1, n)
     R = rows.shape[0]
-    _backend.call(
-        "rotate_quantize",
+    args = (
         rows,
         K,
         signs,
@@ -229,8 +234,14 @@ def rotate_quantize(
         codes.view(R, n),
         scale.view(R if per_token else 1),
         None if zero is None else zero.view(R if per_token else 1),
-        backend=backend,
     )
+    name = _backend.select("rotate_quantize", *args, backend=backend)
+    after = check_finite and name in reports_nonfinite
+    if check_finite and not after:
+        scan_finite(x_in, "x")
+    maybe_bad = _backend.call("rotate_quantize", *args, backend=name)
+    if after and maybe_bad:  # NaN/Inf, or a finite row that overflowed: the scan decides
+        scan_finite(x_in, "x")
     return result
 
 
@@ -479,8 +490,9 @@ def _check_weight_vector(v, name: str, N: int, device) -> torch.Tensor:
 # Backends. Contracts (inputs validated, contiguous, on one device, at least one row):
 #   rotate_quantize(x [R, n] f32/f16/bf16, K (0: no rotation), signs f32 [n] | None,
 #       smooth f32 [n] | None, per_token, symmetric, static_scale (<= 0: dynamic), bits,
-#       codes [R, n] int8/uint8, scales f32 [R] or [1], zeros i32 [R]/[1] | None) -> None
-#       (fills the buffers)
+#       codes [R, n] int8/uint8, scales f32 [R] or [1], zeros i32 [R]/[1] | None) -> fills the
+#       buffers; the backends in ``reports_nonfinite`` return a bool (True: some x value may be
+#       NaN/Inf, always when one is; False: all finite), the others anything
 #   int8_linear(qx [M, K] i8/u8, sx f32 [M], zx i32 [M] | None, qw i8 [N, K], sw f32 [N],
 #       bias f32 [N] | None, out [M, N] f32/bf16/f16) -> out
 # ---------------------------------------------------------------------------------------------
@@ -533,11 +545,11 @@ def _rq_args(x, K, signs, smooth):
 @_backend.register("rotate_quantize", "cpu", check=_rq_check("cpu", "rotate_quantize"))
 def _cpu_rq(x, K, signs, smooth, per_token, symmetric, static_scale, bits, codes, scales, zeros):
     args, _hk = _rq_args(x, K, signs, smooth)
-    ext.cpu_module().rotate_quantize(
+    return bool(ext.cpu_module().rotate_quantize(
         *args, bool(per_token), bool(symmetric), float(static_scale), int(bits),
         codes.data_ptr(), scales.data_ptr(), 0 if zeros is None else zeros.data_ptr(),
         ext.num_threads(),
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 @_backend.register("rotate_quantize", "cuda", check=_rq_check("cuda", "rotate_quantize"))

@@ -190,8 +190,10 @@ class QuantLinear(nn.Module):
                 if self._static is None:
                     self._static = float(self.act_scale)
                 static = self._static
+            # float64 is converted by the op; NaN/Inf are caught by the op's check_finite (on
+            # the cpu backend inside the kernel's own pass: no extra read of x)
             q = ops.rotate_quantize(
-                x2 if x2.dtype != torch.float64 else x2.float(),
+                x2,
                 rotation=self.rotation_spec(),
                 smooth=self.smooth,
                 granularity=self.act_granularity,
@@ -202,8 +204,11 @@ class QuantLinear(nn.Module):
             if self.w_bits is None:
                 out = F.linear(ops.dequantize(q), self.weight, self.bias)
             else:
+                # fp32 / bf16 inputs get their dtype straight from the epilogue (bf16: fp32
+                # rounded to nearest even, as .to() would), not an fp32 [M, N] then a copy
+                odt = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
                 out = ops.int8_linear(
-                    q.codes, q.scale, self.qweight, self.wscale, self.bias, out_dtype=torch.float32
+                    q.codes, q.scale, self.qweight, self.wscale, self.bias, out_dtype=odt
                 )
         return out.reshape(*lead, self.out_features).to(x.dtype)
 
