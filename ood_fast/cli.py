@@ -34,6 +34,7 @@ ENV_VARS = {
     "OOD_FAST_CUDA_SYNC": "1: synchronize after every CUDA kernel, so a fault is reported where it happens",
     "OOD_FAST_BENCH_FULL": "1: run the slow ImageNet-scale benchmark groups (same as --run-slow)",
     "OOD_FAST_KNN_BF16_PASS": "0: no AMX pass for bf16 banks in the C++ knn (same results, slower)",
+    "OOD_FAST_KNN_BF16_BLOCK": "tests: queries per block of the bf16 pass (256 MiB of candidates)",
     "OOD_FAST_KNN_CHUNK_BYTES": "tests: bytes of packed bank per chunk in the C++ knn (64 MiB)",
     "OOD_FAST_KNN_MARGIN": "tests: extra candidates of the bf16 pass (default max(64, k/2))",
     "OOD_FAST_HADAMARD_ISA": "tests: generic forces the portable C++ hadamard / rotate_quantize",

@@ -282,3 +282,14 @@ def test_bf16_fast_pass_inexact_is_close(monkeypatch):
     assert (d1[:, 1:] >= d1[:, :-1]).all()
     exact_d = torch.cdist(q.double(), bank.double()).pow(2).gather(1, i1)
     assert torch.allclose(exact_d.float(), d1, atol=2e-4)
+
+
+@pytest.mark.skipif(not _AMX, reason="the bf16 fast pass needs AMX-BF16, which this CPU lacks")
+def test_bf16_fast_pass_query_blocks(monkeypatch):
+    """Batches run in blocks of queries (64 here); a short last block takes the fp32 path."""
+    q = _randn(64 * 3 + 17, 48, 7)
+    bank = torch.nn.functional.normalize(_randn(3000, 48, 8), dim=1).to(torch.bfloat16)
+    d0, i0 = _search(q, bank, 9, "l2", monkeypatch, "0")
+    monkeypatch.setenv("OOD_FAST_KNN_BF16_BLOCK", "64")
+    d1, i1 = _search(q, bank, 9, "l2", monkeypatch, "1")
+    assert torch.equal(d0, d1) and torch.equal(i0, i1)

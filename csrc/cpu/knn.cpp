@@ -678,7 +678,7 @@ class Search {
 // (rare: candidates bunched within 2δ) is searched again by the fp32 path.
 // The margin defaults to max(64, k / 2) (OOD_FAST_KNN_MARGIN overrides it, for tests); at the
 // 50k × 512 benchmark shape, k = 50 needs ~65 candidates on median for a 2δ window.
-// OOD_FAST_KNN_BF16_PASS=0 turns the path off.
+// OOD_FAST_KNN_BF16_PASS=0 turns the path off; OOD_FAST_KNN_BF16_BLOCK sets its query block (tests).
 
 #ifdef OOD_FAST_X86
 // Exact fp32 distances of one query (fp32 row q, squared norm qn) to up to 16 bf16 bank rows:
@@ -835,8 +835,23 @@ void knn(uintptr_t q_ptr, const std::string& q_dtype, int64_t N, uintptr_t bank_
   const char* bank = reinterpret_cast<const char*>(bank_ptr);
   float* out_d = reinterpret_cast<float*>(out_d_ptr);
   int64_t* out_i = reinterpret_cast<int64_t*>(out_i_ptr);
-  if (bf16_pass_eligible(bt, N, M, k, exact)) return knn_bf16_amx(q, qt, N, bank, bt, M, D, k, metric, exact, out_d, out_i, num_threads);
-  Search(q, qt, N, bank, bt, M, D, k, metric, out_d, out_i, num_threads).run();
+  if (!bf16_pass_eligible(bt, N, M, k, exact)) return Search(q, qt, N, bank, bt, M, D, k, metric, out_d, out_i, num_threads).run();
+  // The bf16 pass keeps k + margin candidate keys per query until its re-rank: in blocks of
+  // queries, so that buffer stays within ~256 MiB whatever the batch (a short last block, too
+  // small for the pass, takes the fp32 path; results are identical either way).
+  const int64_t kl = exact ? k + bf16_pass_margin(k) : k;
+  int64_t block = (int64_t(256) << 20) / (kl * 8);
+  if (const char* env = std::getenv("OOD_FAST_KNN_BF16_BLOCK")) block = std::atoll(env);  // tests
+  block = std::max<int64_t>(64, block);
+  const size_t qrow = static_cast<size_t>(D) * dtype_size(qt);
+  for (int64_t q0 = 0; q0 < N; q0 += block) {
+    const int64_t nb = std::min(block, N - q0);
+    const void* qb = static_cast<const char*>(q) + static_cast<size_t>(q0) * qrow;
+    if (bf16_pass_eligible(bt, nb, M, k, exact))
+      knn_bf16_amx(qb, qt, nb, bank, bt, M, D, k, metric, exact, out_d + q0 * k, out_i + q0 * k, num_threads);
+    else
+      Search(qb, qt, nb, bank, bt, M, D, k, metric, out_d + q0 * k, out_i + q0 * k, num_threads).run();
+  }
 }
 
 }  // namespace
