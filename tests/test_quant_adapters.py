@@ -238,24 +238,30 @@ def fake_triton(monkeypatch):
         pytest.skip("; ".join(ext.triton_unavailable()))
     calls = []
 
-    def hadamard(x, K, hk, signs, scale):
+    # Like the real kernels, the fakes write into the op's `out=` buffers.
+    def hadamard(x, K, hk, signs, scale, out):
         assert torch.equal(hk.double(), href.hadamard_factor(K))
         calls.append(("hadamard", K))
-        return href.hadamard(x, scale, signs)
+        return out.copy_(href.hadamard(x, scale, signs))
 
-    def rotate_quantize(x, K, hk, signs, smooth, per_token, symmetric, static_scale, bits):
+    def rotate_quantize(x, K, hk, signs, smooth, per_token, symmetric, static_scale, bits, out):
         y = x.float() if smooth is None else x.float() / smooth
         if K:
             assert torch.equal(hk.double(), href.hadamard_factor(K))
             y = href.hadamard(y, signs=signs)
         q = qref.quantize(y, per_token, symmetric, static_scale if static_scale > 0 else None, bits)
         calls.append(("rotate_quantize", K))
-        return q.codes, q.scale.reshape(-1), q.zero_point
+        codes, scales, zeros = out
+        codes.copy_(q.codes)
+        scales.copy_(q.scale.reshape(-1))
+        if zeros is not None:
+            zeros.copy_(q.zero_point.reshape(-1))
+        return out
 
-    def int8_linear(qx, sx, zx, qw, sw, bias, out_dtype):
+    def int8_linear(qx, sx, zx, qw, sw, bias, out_dtype, out):
         assert sx.shape == (qx.shape[0],) and (zx is None or zx.dtype == torch.int32)
         calls.append(("int8_linear",))
-        return qref.int8_linear(qx, sx, qw, sw, bias, zx, out_dtype)
+        return out.copy_(qref.int8_linear(qx, sx, qw, sw, bias, zx, out_dtype))
 
     for name, fns in (
         ("hadamard", {"hadamard": hadamard}),

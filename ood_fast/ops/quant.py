@@ -567,11 +567,9 @@ def _triton_rq(x, K, signs, smooth, per_token, symmetric, static_scale, bits, co
     from ..kernels import quant as tk  # imports triton: only when this backend runs
 
     hk = hk_on(K, x.device) if K else None
-    c, s, z = tk.rotate_quantize(x, K, hk, signs, smooth, per_token, symmetric, static_scale, bits)
-    codes.copy_(c.reshape(codes.shape))
-    scales.copy_(s.reshape(scales.shape))
-    if zeros is not None:
-        zeros.copy_(z.reshape(zeros.shape))
+    # the kernel writes straight into the op's buffers (flat views of them)
+    bufs = (codes.view(x.shape), scales.view(-1), None if zeros is None else zeros.view(-1))
+    tk.rotate_quantize(x, K, hk, signs, smooth, per_token, symmetric, static_scale, bits, out=bufs)
 
 
 def _linear_check(backend: str, symbol: str, out_dtypes):
@@ -608,6 +606,4 @@ def _cpu_linear(qx, sx, zx, qw, sw, bias, out):
 def _triton_linear(qx, sx, zx, qw, sw, bias, out):
     from ..kernels import quant as tk  # imports triton: only when this backend runs
 
-    res = tk.int8_linear(qx, sx, zx, qw, sw, bias, out.dtype)
-    out.copy_(res)
-    return out
+    return tk.int8_linear(qx, sx, zx, qw, sw, bias, out.dtype, out=out)  # writes into out
