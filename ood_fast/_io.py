@@ -125,7 +125,10 @@ def load_estimator(path) -> tuple[str, dict, dict[str, torch.Tensor]]:
 
     header = read_header(path)
     try:
-        tensors = load_file(os.fspath(path), device="cpu")
+        # load_file's tensors are views of a memory map of the file: copy them, so that what
+        # the checksums verify is what the caller keeps, and a later write to (or truncation
+        # of) the file cannot change (or crash) the loaded object
+        tensors = {k: v.clone() for k, v in load_file(os.fspath(path), device="cpu").items()}
     except Exception as exc:
         raise ValueError(f"{os.fspath(path)}: corrupt safetensors data ({exc})") from exc
     sums = header.get("sha256")

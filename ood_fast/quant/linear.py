@@ -130,6 +130,14 @@ class QuantLinear(nn.Module):
     when ``w_bits`` is None), ``bias`` fp32 ``[N]`` or None, ``smooth`` fp32 ``[K]`` or None,
     ``rot`` (the HadamardRotation's signs fp32 ``[K]``, or the dense fp32 ``[K, K]``, or None),
     ``act_scale`` fp32 scalar (static per-tensor activation scale) or None.
+
+    State: ``state_dict()`` holds the buffers that are not None plus ``"_extra_state"``, the
+    settings as plain JSON values (``get_extra_state``: in/out features, w_bits, a_bits,
+    act_granularity, rot_kind). It loads into a fresh ``QuantLinear(in_features,
+    out_features)``: the settings come from the state, missing buffers are created and absent
+    ones dropped, dtypes kept; wrong shapes/dtypes, NaN/Inf, a missing ``qweight`` or settings
+    that do not fit raise with the key and the reason, and leave the layer unchanged.
+    ``ood_fast.quant.save_quantized`` / ``load_quantized`` write and read whole models.
     """
 
     def __init__(
