@@ -521,3 +521,34 @@ def test_saving_unsupported_modules_says_which_and_why(tmp_path):
     with pytest.raises(TypeError, match="non-persistent buffers"):
         save_quantized(lin, path)
     assert not path.exists()
+
+
+def test_whitelist_is_open_to_explicit_registration(tmp_path):
+    from ood_fast.quant import io as qio
+
+    class Scale(nn.Module):
+        def __init__(self, factor: float):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    path = tmp_path / "s.safetensors"
+    model = nn.Sequential(_make_ql(dict(rotation="signed")), Scale(0.5))
+    with pytest.raises(TypeError, match="Scale"):
+        save_quantized(model, path)
+    qio.register_module_kind(
+        "test.Scale", Scale, lambda m: {"f": m.factor}, lambda a: Scale(a["f"])
+    )
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            qio.register_module_kind("test.Scale2", Scale, lambda m: {}, lambda a: Scale(1.0))
+        save_quantized(model, path)
+        r = load_quantized(path)
+        x = _x()
+        assert type(r[1]) is Scale and r[1].factor == 0.5 and torch.equal(r(x), model(x))
+    finally:
+        qio.MODULE_KINDS.pop("test.Scale")
+    with pytest.raises(ValueError, match="unknown module kind 'test.Scale' at '1'"):
+        load_quantized(path)
