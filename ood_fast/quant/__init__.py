@@ -5,6 +5,8 @@ Calibration (``ood_fast.quant.calibration``): ``CovarianceAccumulator``, ``klt_r
 Layers and models: ``QuantLinear`` / ``quantize_linear`` (``linear``), the plain-torch Mamba-1
 LM (``mamba``: ``MambaConfig``, ``MambaLM``, ``MambaMixer``, ``MambaBlock``, ``RMSNorm``,
 ``selective_scan``, ``random_mamba``) and ``quantize_mamba`` (``transforms``).
+Persistence (``io``): ``save_quantized(model, path)`` / ``load_quantized(path)``, safetensors
+plus a JSON header, no pickle, bit-identical forward after reload.
 """
 
 from .calibration import (
@@ -14,6 +16,7 @@ from .calibration import (
     klt_rotation,
     smooth_scales,
 )
+from .io import load_quantized, save_quantized
 from .linear import QuantLinear, quantize_linear
 from .mamba import (
     MambaBlock,
@@ -38,9 +41,11 @@ __all__ = [
     "QuantLinear",
     "RMSNorm",
     "klt_rotation",
+    "load_quantized",
     "quantize_linear",
     "quantize_mamba",
     "random_mamba",
+    "save_quantized",
     "selective_scan",
     "smooth_scales",
 ]

@@ -33,6 +33,32 @@ from .. import ops
 __all__ = ["QuantLinear", "quantize_linear", "rotation_matrix"]
 
 _GRANULARITIES = ("per_token", "per_tensor")
+_ROT_KINDS = ("none", "hadamard", "dense")
+_BUFFER_NAMES = ("qweight", "wscale", "weight", "bias", "smooth", "rot", "act_scale")
+_STATE_VERSION = 1  # of QuantLinear.get_extra_state
+
+
+def _check_buffer(name: str, t, shape: tuple, kind: str, settings: dict) -> str | None:
+    """Why the state tensor ``t`` cannot be QuantLinear's buffer ``name``, or None."""
+    if not isinstance(t, torch.Tensor):
+        return f"expected a tensor, got {type(t).__name__}"
+    if tuple(t.shape) != shape:
+        return f"shape {tuple(t.shape)}, expected {shape}"
+    if kind == "int8":
+        if t.dtype != torch.int8:
+            return f"dtype {t.dtype}, expected torch.int8 codes"
+        return None
+    if not t.dtype.is_floating_point:
+        return f"dtype {t.dtype}, expected a floating dtype"
+    if t.is_meta:
+        return None
+    if not bool(torch.isfinite(t).all()):
+        return "has NaN/Inf entries"
+    if name == "rot" and settings["rot_kind"] == "hadamard" and not bool((t.abs() == 1).all()):
+        return "Hadamard signs must all be +1 or -1"
+    if name in ("smooth", "act_scale") and not bool((t > 0).all()):
+        return "must be > 0"
+    return None
 
 
 def _hadamard_rotation_cls():
@@ -104,6 +130,14 @@ class QuantLinear(nn.Module):
     when ``w_bits`` is None), ``bias`` fp32 ``[N]`` or None, ``smooth`` fp32 ``[K]`` or None,
     ``rot`` (the HadamardRotation's signs fp32 ``[K]``, or the dense fp32 ``[K, K]``, or None),
     ``act_scale`` fp32 scalar (static per-tensor activation scale) or None.
+
+    State: ``state_dict()`` holds the buffers that are not None plus ``"_extra_state"``, the
+    settings as plain JSON values (``get_extra_state``: in/out features, w_bits, a_bits,
+    act_granularity, rot_kind). It loads into a fresh ``QuantLinear(in_features,
+    out_features)``: the settings come from the state, missing buffers are created and absent
+    ones dropped, dtypes kept; wrong shapes/dtypes, NaN/Inf, a missing ``qweight`` or settings
+    that do not fit raise with the key and the reason, and leave the layer unchanged.
+    ``ood_fast.quant.save_quantized`` / ``load_quantized`` write and read whole models.
     """
 
     def __init__(
@@ -129,6 +163,151 @@ class QuantLinear(nn.Module):
         self._static = None  # float(act_scale), cached
         for name in ("qweight", "wscale", "weight", "bias", "smooth", "rot", "act_scale"):
             self.register_buffer(name, None)
+
+    # ------------------------------------------------------------------ state
+
+    def get_extra_state(self) -> dict:
+        """The non-tensor settings, as plain JSON values (saved in ``state_dict()`` under
+        ``"_extra_state"``; ``ood_fast.quant.save_quantized`` writes them to its JSON header)."""
+        return {
+            "version": _STATE_VERSION,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "act_granularity": self.act_granularity,
+            "rot_kind": self.rot_kind,
+        }
+
+    def set_extra_state(self, state) -> None:
+        """Apply settings from :meth:`get_extra_state` (validated; the buffers must follow)."""
+        self._apply_settings(self._checked_settings(state))
+
+    def _checked_settings(self, state) -> dict:
+        if not isinstance(state, dict):
+            raise TypeError(f"expected a dict of settings, got {type(state).__name__}")
+        version = state.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"invalid settings version {version!r}")
+        if version > _STATE_VERSION:
+            raise ValueError(
+                f"settings version {version} is newer than this ood_fast ({_STATE_VERSION}): "
+                "upgrade ood_fast to load it"
+            )
+        unknown = sorted(set(state) - set(self.get_extra_state()))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}")
+        missing = sorted(set(self.get_extra_state()) - set(state))
+        if missing:
+            raise ValueError(f"missing settings {missing}")
+        shape = (state["in_features"], state["out_features"])
+        if shape != (self.in_features, self.out_features):
+            raise ValueError(
+                f"the state is for in_features={shape[0]}, out_features={shape[1]}; this layer "
+                f"has in_features={self.in_features}, out_features={self.out_features}"
+            )
+        if state["act_granularity"] not in _GRANULARITIES:
+            raise ValueError(
+                f"act_granularity must be one of {_GRANULARITIES}, got {state['act_granularity']!r}"
+            )
+        if state["rot_kind"] not in _ROT_KINDS:
+            raise ValueError(f"rot_kind must be one of {_ROT_KINDS}, got {state['rot_kind']!r}")
+        if state["rot_kind"] == "hadamard":
+            from ..reference.hadamard import factorize
+
+            factorize(self.in_features)  # raises, listing the supported sizes
+        return dict(
+            state,
+            w_bits=_check_bits(state["w_bits"], "w_bits"),
+            a_bits=_check_bits(state["a_bits"], "a_bits"),
+        )
+
+    def _apply_settings(self, s: dict) -> None:
+        self.w_bits, self.a_bits = s["w_bits"], s["a_bits"]
+        self.act_granularity, self.rot_kind = s["act_granularity"], s["rot_kind"]
+        self._hr = self._static = None  # caches of the old buffers
+
+    def _buffer_specs(self, s: dict) -> dict:
+        """name -> (required, shape, kind) for the settings ``s``; names not listed must be
+        absent. kind: "int8" or "float" (any floating dtype, kept as given)."""
+        k, n = self.in_features, self.out_features
+        specs = {"bias": (False, (n,), "float"), "smooth": (False, (k,), "float")}
+        specs["act_scale"] = (False, (), "float")
+        if s["w_bits"] is None:
+            specs["weight"] = (True, (n, k), "float")
+        else:
+            specs["qweight"] = (True, (n, k), "int8")
+            specs["wscale"] = (True, (n,), "float")
+        if s["rot_kind"] == "hadamard":
+            specs["rot"] = (False, (k,), "float")  # the random signs, or None: plain Hadamard
+        elif s["rot_kind"] == "dense":
+            specs["rot"] = (True, (k, k), "float")
+        return specs
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Load settings (``_extra_state``) and the buffers they call for into this layer.
+
+        Unlike ``nn.Module``'s default it creates buffers that are None here (a fresh
+        ``QuantLinear(in, out)`` has none) and removes those the state does not have (a None
+        buffer is absent from a state dict); dtypes are kept as stored (``qweight`` must be
+        int8). Nothing is changed unless the whole state is valid.
+        """
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            try:
+                settings = self._checked_settings(state_dict[key])
+            except (TypeError, ValueError) as exc:
+                error_msgs.append(f"{key}: {exc}")
+                return
+        else:
+            missing_keys.append(key)  # non-strict: keep this layer's own settings
+            settings = self.get_extra_state()
+        specs = self._buffer_specs(settings)
+        current = [b for b in self._buffers.values() if b is not None and not b.is_meta]
+        new, errors = {}, []
+        for name in _BUFFER_NAMES:
+            bkey = prefix + name
+            if bkey not in state_dict:
+                if name in specs and specs[name][0]:
+                    missing_keys.append(bkey)
+                    if getattr(self, name) is None:
+                        errors.append(f"{bkey}: missing (needed with {self._describe(settings)})")
+                    new[name] = getattr(self, name)
+                else:
+                    new[name] = None
+                continue
+            t = state_dict[bkey]
+            if name not in specs:
+                errors.append(f"{bkey}: not expected with {self._describe(settings)}")
+                continue
+            _, shape, kind = specs[name]
+            msg = _check_buffer(name, t, shape, kind, settings)
+            if msg:
+                errors.append(f"{bkey}: {msg}")
+                continue
+            t = t.detach()
+            if local_metadata.get("assign_to_params_buffers", False):
+                new[name] = t
+            else:
+                dev = current[0].device if current else t.device
+                new[name] = t.to(dev, copy=True)
+        if strict:
+            allowed = {prefix + n for n in _BUFFER_NAMES} | {key}
+            unexpected_keys.extend(
+                k for k in state_dict if k.startswith(prefix) and k not in allowed
+            )
+        if errors:
+            error_msgs.extend(errors)
+            return
+        self._apply_settings(settings)
+        for name, t in new.items():
+            self._buffers[name] = t
+
+    @staticmethod
+    def _describe(s: dict) -> str:
+        return f"w_bits={s['w_bits']}, rot_kind={s['rot_kind']!r}"
 
     def extra_repr(self) -> str:
         return (

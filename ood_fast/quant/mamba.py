@@ -171,6 +171,16 @@ class MambaMixer(nn.Module):
         # the transformed model; it is not in a float checkpoint.
         self.register_buffer("gate_scale", None, persistent=True)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # gate_scale is None in a fresh mixer: make room for a transformed model's [d_inner]
+        # so that its state dict loads (nn.Module's default would call it unexpected).
+        t = state_dict.get(prefix + "gate_scale")
+        if self.gate_scale is None and isinstance(t, torch.Tensor):
+            if tuple(t.shape) == (self.d_inner,) and t.dtype.is_floating_point:
+                self.gate_scale = torch.empty_like(t, device=self.D.device)
+            # else: left to the default, which reports the key
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def gate(self, z: torch.Tensor) -> torch.Tensor:
         if self.gate_scale is None:
             return F.silu(z)
@@ -263,11 +273,12 @@ class MambaLM(nn.Module):
     # ---------------------------------------------------------------- checkpoints
 
     @staticmethod
-    def normalize_state_dict(state_dict: dict) -> dict:
+    def normalize_state_dict(state_dict: dict, tie_head: bool = True) -> dict:
         """Map HF ``MambaForCausalLM`` / state-spaces names onto this module's names.
 
         ``backbone.embeddings.weight`` (HF) becomes ``backbone.embedding.weight``; a leading
-        ``model.`` is dropped; a missing ``lm_head.weight`` is the embedding (tied weights).
+        ``model.`` is dropped; a missing ``lm_head.weight`` is the embedding (tied weights)
+        when ``tie_head``.
         """
         out = {}
         for k, v in state_dict.items():
@@ -276,7 +287,7 @@ class MambaLM(nn.Module):
             if k.startswith("backbone.embeddings."):
                 k = "backbone.embedding." + k[len("backbone.embeddings.") :]
             out[k] = v
-        if "lm_head.weight" not in out and "backbone.embedding.weight" in out:
+        if tie_head and "lm_head.weight" not in out and "backbone.embedding.weight" in out:
             out["lm_head.weight"] = out["backbone.embedding.weight"]
         return out
 
@@ -329,10 +340,15 @@ class MambaLM(nn.Module):
         return model
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` after :meth:`normalize_state_dict` (both layouts)."""
-        return super().load_state_dict(
-            self.normalize_state_dict(dict(state_dict)), strict=strict, assign=assign
+        """``nn.Module.load_state_dict`` after :meth:`normalize_state_dict` (both layouts).
+
+        A quantized head (a ``QuantLinear``, no ``lm_head.weight``) is not tied to the
+        embedding: its state dict loads into a model of the same structure as is.
+        """
+        sd = self.normalize_state_dict(
+            dict(state_dict), tie_head=isinstance(self.lm_head, nn.Linear)
         )
+        return super().load_state_dict(sd, strict=strict, assign=assign)
 
     @staticmethod
     def _read(source) -> dict:
