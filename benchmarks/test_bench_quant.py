@@ -11,7 +11,8 @@ their checks come from ``ood_fast.bench`` (the same code as ``ood-fast bench --w
                                  ``torch.matmul(x, H, out=)`` (bar: >= 50×); n ∈ {256, 1024,
                                  4096, 8192} and 1536 = 12·2^7, 3584 = 28·2^7, 5120 = 20·2^8
 * ``rotate_quantize n=4096 …``   ours (random Hadamard, per token, fp32 -> int8, out= buffers)
-                                 vs a copy moving the same total bytes (bar: >= 0.7×)
+                                 vs a copy moving the same total bytes (bar: >= 0.7×), at 64 MB
+                                 and at 512 MB of input (beyond the last-level cache)
 * ``int8_linear M=2048 K=4096 N=4096``
                                  ours ``int8_linear`` on int8 inputs (bars: >= 2× fp32
                                  ``F.linear``, >= 1.0× torch's dynamic int8 ``Linear``, the faster
@@ -38,7 +39,7 @@ import torch
 from ood_fast import bench
 
 PRESET = "default"
-CASES = {c.op + ":" + str(c.n): c for c in bench.quant_cases(PRESET)}
+CASES = {f"{c.op}:{c.n}:{c.rows}": c for c in bench.quant_cases(PRESET)}
 DENSE_NS = bench.QUANT_PRESETS[PRESET]["dense_ns"]
 BUDGET_S = 4.0  # per candidate: a slower one is sliced to fit
 ROUNDS = {"hadamard": 10, "rotate_quantize": 10, "int8_linear": 3}
