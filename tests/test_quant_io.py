@@ -3,10 +3,10 @@ whole models, bit-identical forward after reload, safe loading (no pickle, white
 clear errors for damaged or foreign files."""
 
 import json
-import math
 
 import pytest
 import torch
+from _quant_helpers import outlier_x, seeded_linear
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -27,21 +27,8 @@ CFG = dict(d_model=48, n_layer=2, vocab_size=96, d_state=8)  # d_inner 96 = 12·
 METHODS = ("mambaquant", "quarot", "smoothquant", "rtn")
 
 
-def _linear(k=96, n=64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) / math.sqrt(k))
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=g))
-    return lin
-
-
 def _x(m=33, k=96, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    x[:, [3, 40, 77]] *= 30.0
-    return x
+    return outlier_x(m, k, seed, gain=30.0)
 
 
 def _rotation(kind, k=96):
@@ -70,7 +57,7 @@ QL_CASES = [
 
 def _make_ql(case) -> QuantLinear:
     case = dict(case)
-    lin = _linear(bias=case.pop("bias", True))
+    lin = seeded_linear(bias=case.pop("bias", True))
     smooth = case.pop("smooth", False)
     s = torch.rand(96, generator=torch.Generator().manual_seed(5)) + 0.5 if smooth else None
     return quantize_linear(lin, rotation=_rotation(case.pop("rotation")), smooth=s, **case)
@@ -226,7 +213,7 @@ def test_quant_linear_state_dict_errors():
     with pytest.raises(RuntimeError, match="qweight: missing"):
         QuantLinear(96, 64).load_state_dict(_bad(sd, qweight=DROP), strict=False)
     # a Hadamard rotation on a size with no Hadamard factorization
-    q50 = quantize_linear(_linear(k=50), rotation=None)
+    q50 = quantize_linear(seeded_linear(k=50), rotation=None)
     bad = dict(q50.state_dict())
     bad["_extra_state"] = dict(bad["_extra_state"], rot_kind="hadamard")
     with pytest.raises(RuntimeError, match="supported"):
@@ -356,7 +343,10 @@ def test_module_trees_round_trip(tmp_path):
         nn.GELU(approximate="tanh"),
         nn.LayerNorm(64),
         nn.ModuleDict(
-            {"head": quantize_linear(_linear(k=64, n=12), rotation="hadamard"), "id": nn.Identity()}
+            {
+                "head": quantize_linear(seeded_linear(k=64, n=12), rotation="hadamard"),
+                "id": nn.Identity(),
+            }
         ),
         nn.ModuleList([nn.ReLU(), nn.Dropout(0.25), nn.Linear(12, 5, bias=False)]),
     ).eval()

@@ -4,11 +4,10 @@ The float model is checked against an independent numpy float64 implementation (
 gate, norms, written from the equations); the transforms against the float model.
 """
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from _quant_helpers import outlier_x, seeded_linear
 from torch import nn
 
 from ood_fast.quant import QuantLinear, quantize_linear, quantize_mamba
@@ -255,23 +254,6 @@ def test_gate_scale_is_scaled_silu():
 # ------------------------------------------------------------------ QuantLinear
 
 
-def _linear(k=96, n=64, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(k, n, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(n, k, generator=g) / math.sqrt(k))
-        if bias:
-            lin.bias.copy_(torch.randn(n, generator=g))
-    return lin
-
-
-def _outlier_x(m=256, k=96, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
-    x[:, [3, 40, 77]] *= 60.0  # a few massive channels, as in LLM / Mamba activations
-    return x
-
-
 def _emulate(x, q: QuantLinear):
     """Independent float64 emulation of the W8A8 forward (per-token, symmetric, bits=8)."""
     xd = x.double()
@@ -296,8 +278,8 @@ def _emulate(x, q: QuantLinear):
 
 @pytest.mark.parametrize("rotation", [None, "hadamard", "signed", "dense"])
 def test_quant_linear_matches_emulation_and_float(rotation):
-    lin = _linear()
-    x = _outlier_x()
+    lin = seeded_linear()
+    x = outlier_x()
     rot = {
         None: None,
         "hadamard": "hadamard",
@@ -325,7 +307,7 @@ def test_quant_linear_matches_emulation_and_float(rotation):
 def test_quant_linear_rotation_beats_plain_per_tensor():
     """W8A8 with a dynamic per-tensor scale on activations with massive channels: the online
     Hadamard spreads them (SQNR gain of many dB)."""
-    lin, x = _linear(), _outlier_x()
+    lin, x = seeded_linear(), outlier_x()
     with torch.no_grad():
         ref = lin(x)
     plain = _sqnr_db(ref, quantize_linear(lin, act_granularity="per_tensor")(x))
@@ -342,7 +324,7 @@ def test_quant_linear_rotation_beats_plain_per_tensor():
 
 
 def test_quant_linear_keeps_leading_dims_and_dtype():
-    lin = _linear(bias=False)
+    lin = seeded_linear(bias=False)
     q = quantize_linear(lin, rotation="hadamard")
     x = torch.randn(2, 3, 5, 96)
     out = q(x)
@@ -359,7 +341,7 @@ def test_quant_linear_keeps_leading_dims_and_dtype():
 
 
 def test_quant_linear_bad_input():
-    lin = _linear()
+    lin = seeded_linear()
     with pytest.raises(TypeError, match="nn.Linear"):
         quantize_linear(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="act_granularity"):
@@ -379,9 +361,9 @@ def test_quant_linear_bad_input():
     with pytest.raises(ValueError, match=r"\[96, 96\]"):
         quantize_linear(lin, rotation=torch.eye(5))
     with pytest.raises(ValueError, match="Hadamard|supported|factor"):
-        quantize_linear(_linear(k=97), rotation="hadamard")
+        quantize_linear(seeded_linear(k=97), rotation="hadamard")
     with torch.no_grad():
-        bad = _linear()
+        bad = seeded_linear()
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         quantize_linear(bad)
