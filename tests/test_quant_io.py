@@ -336,6 +336,26 @@ def test_tied_embedding_and_head_stay_tied(tmp_path, lm):
     _check_model_round_trip(tmp_path, model, test)
 
 
+@pytest.mark.parametrize("rotation", ["hadamard", None])
+def test_quantized_bert_round_trip_bit_identical(tmp_path, rotation):
+    from ood_fast.quant.bert import BertEncoder, quantize_bert_w8a8
+
+    torch.manual_seed(0)
+    # hidden 48 = 12·4 and FFN 96 = 12·8: Hadamard sizes, as MiniLM's 384 / 1536
+    model = BertEncoder(vocab_size=100, hidden=48, layers=2, heads=4, ffn=96, max_positions=32)
+    qmodel = quantize_bert_w8a8(model.eval(), rotation)
+    ids = torch.randint(0, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    path = tmp_path / "bert.safetensors"
+    save_quantized(qmodel, path)
+    back = load_quantized(path)
+    assert type(back) is BertEncoder and back.config == qmodel.config
+    assert sum(isinstance(m, QuantLinear) for m in back.modules()) == 12  # 6 linears per layer
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask), qmodel(ids, mask))
+
+
 def test_module_trees_round_trip(tmp_path):
     x = _x(k=96)
     seq = nn.Sequential(

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import _io
+from .bert import BertEncoder, BertLayer, BertSelfAttention
 from .linear import QuantLinear
 from .mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer, RMSNorm, _Backbone
 
@@ -217,6 +218,28 @@ register_module_kind(
     "GELU", nn.GELU, lambda m: {"approximate": m.approximate}, lambda a: nn.GELU(**a)
 )
 register_module_kind("Dropout", nn.Dropout, lambda m: {"p": m.p}, lambda a: nn.Dropout(**a))
+# a bare nn.Module used as a namespace of children (the HF-shaped BERT's "attention", "output")
+register_module_kind("Module", nn.Module, _no_args, _plain(nn.Module))
+register_module_kind(
+    "BertEncoder", BertEncoder, lambda m: dict(m.config), lambda a: BertEncoder(**a)
+)
+register_module_kind(
+    "BertLayer",
+    BertLayer,
+    lambda m: dict(
+        hidden=m.attention.output.dense.in_features,
+        heads=m.attention.self.heads,
+        ffn=m.intermediate.dense.out_features,
+        eps=m.output.LayerNorm.eps,
+    ),
+    lambda a: BertLayer(**a),
+)
+register_module_kind(
+    "BertSelfAttention",
+    BertSelfAttention,
+    lambda m: dict(hidden=m.query.in_features, heads=m.heads),
+    lambda a: BertSelfAttention(**a),
+)
 
 
 # --------------------------------------------------------------------------- saving
@@ -299,8 +322,8 @@ def save_quantized(model: nn.Module, path) -> None:
     """Write a (quantized) model to ``path``: safetensors tensors + a JSON header, no pickle.
 
     ``model``: a ``QuantLinear``, a ``quantize_mamba`` output ``MambaLM`` (any method), or any
-    tree of whitelisted modules (``MODULE_KINDS``: QuantLinear, the Mamba classes, nn.Linear,
-    nn.Embedding, nn.Conv1d, nn.LayerNorm, nn.Sequential / ModuleList / ModuleDict, a few
+    tree of whitelisted modules (``MODULE_KINDS``: QuantLinear, the Mamba classes, the MiniLM
+    BERT classes of ``quant.bert``, nn.Linear, nn.Embedding, nn.Conv1d, nn.LayerNorm, nn.Sequential / ModuleList / ModuleDict, a few
     activations). Tensors may live on any device (they are copied to CPU).
 
     Raises:
