@@ -493,6 +493,17 @@ def test_quantize_mamba_options(outlier_lm):
         assert _rel(q(test), ref) < 1e-5
 
 
+def test_quantize_mamba_progress_bar(outlier_lm, capsys):
+    model, calib, test, _ = outlier_lm
+    quiet = quantize_mamba(model, calib[:2], "mambaquant")
+    assert capsys.readouterr().err == ""
+    shown = quantize_mamba(model, calib[:2], "mambaquant", progress=True)
+    err = capsys.readouterr().err
+    assert "quantize_mamba: statistics" in err and "quantize_mamba: activation scales" in err
+    with torch.no_grad():
+        assert torch.equal(shown(test), quiet(test))  # the bar changes nothing else
+
+
 def test_quantize_mamba_bad_input(outlier_lm):
     model, calib, _, _ = outlier_lm
     with pytest.raises(ValueError, match="method"):

@@ -246,17 +246,20 @@ def _as_batches(calib_batches, vocab: int) -> list[torch.Tensor]:
     return batches
 
 
-def _run(model: nn.Module, batches):
+def _run(model: nn.Module, batches, progress: bool = False, desc: str = "calibration"):
+    """Every batch through ``model`` (no grad); a tqdm bar on stderr when ``progress``."""
+    from tqdm import tqdm
+
     device = model.backbone.embedding.weight.device
     with torch.no_grad():
-        for b in batches:
+        for b in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             model(b.to(device))
 
 
 # --------------------------------------------------------------------------- calibration pass 1
 
 
-def _collect(model: MambaLM, batches, method: str, online_klt: bool):
+def _collect(model: MambaLM, batches, method: str, online_klt: bool, progress: bool = False):
     """Statistics of the float model's activations at every site the method transforms."""
     klt = method == "mambaquant"
     eps = model.config.norm_eps
@@ -298,7 +301,7 @@ def _collect(model: MambaLM, batches, method: str, online_klt: bool):
     hooks.append(model.backbone.norm_f.register_forward_pre_hook(res_hook))
     hooks.append(model.lm_head.register_forward_pre_hook(pre("lm_head", cfg.d_model, False)))
     try:
-        _run(model, batches)
+        _run(model, batches, progress, "quantize_mamba: statistics")
     finally:
         for h in hooks:
             h.remove()
@@ -430,6 +433,7 @@ def quantize_mamba(
     w_percentile: float | None = None,
     quantize_head: bool = True,
     online_klt: bool = False,
+    progress: bool = False,
 ) -> MambaLM:
     """Quantize a :class:`MambaLM` to W{w_bits}A{a_bits}; returns a new model (``model`` is
     left untouched).
@@ -445,6 +449,7 @@ def quantize_mamba(
         alpha: SmoothQuant migration strength. w_percentile: weight clipping quantile per row.
         quantize_head: quantize ``lm_head`` too (it is rotated/smoothed either way).
         online_klt: mambaquant's online rotations as dense KLT-H instead of random Hadamard.
+        progress: a progress bar (stderr) over the calibration batches of each pass.
     """
     if not isinstance(model, MambaLM):
         raise TypeError(f"quantize_mamba: expected a MambaLM, got {type(model).__name__}")
@@ -472,7 +477,7 @@ def quantize_mamba(
     was_training = model.training
     model.eval()
     try:
-        stats = _collect(model, batches, method, online_klt)
+        stats = _collect(model, batches, method, online_klt, progress)
     finally:
         model.train(was_training)
 
@@ -514,7 +519,7 @@ def quantize_mamba(
 
             hooks.append(mod.register_forward_pre_hook(hook))
         try:
-            _run(flt, batches)
+            _run(flt, batches, progress, "quantize_mamba: activation scales")
         finally:
             for h in hooks:
                 h.remove()
